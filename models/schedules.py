@@ -1,0 +1,148 @@
+"""Per-scale iteration schedules of the implicit block at sampling time (VIAR's compute knob).
+
+A schedule turns the number of scales K into a cap on fixed-point iterations per scale and, for the adaptive
+schedule, a tolerance on the relative residual ||z_{t+1} - z_t|| / ||z_t|| that stops a scale early.
+Text form for CLIs (`parse_schedule`): `const:N`, `linear:LEFT,RIGHT`, `list:N1,N2,...`, `adaptive:TOL,CAP`.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+
+class ScheduleError(ValueError):
+    """An iteration schedule that cannot be used (negative counts, wrong length, bad tolerance)."""
+
+
+def _check_count(n, what: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ScheduleError(f'{what} must be a non-negative integer, got {n!r}')
+    return int(n)
+
+
+@dataclass(frozen=True)
+class IterSchedule:
+    """Base class: `caps(K)` iteration caps per scale; `tol` an optional early-stop tolerance."""
+
+    def caps(self, num_scales: int) -> List[int]:
+        raise NotImplementedError
+
+    @property
+    def tol(self) -> Optional[float]:
+        return None
+
+    @property
+    def is_constant(self) -> bool:
+        """True when every scale runs the same number of iterations (cached inference = teacher forcing)."""
+        return False
+
+
+@dataclass(frozen=True)
+class ConstantSchedule(IterSchedule):
+    """The same number of iterations at every scale."""
+    iters: int
+
+    def __post_init__(self):
+        _check_count(self.iters, 'constant schedule iterations')
+
+    def caps(self, num_scales: int) -> List[int]:
+        return [self.iters] * num_scales
+
+    @property
+    def is_constant(self) -> bool:
+        return True
+
+    def __str__(self) -> str:
+        return f'const:{self.iters}'
+
+
+@dataclass(frozen=True)
+class LinearSchedule(IterSchedule):
+    """Linear from `left` (coarsest scale) to `right` (finest), truncated to int: the official `iters_list`.
+
+    The official code always builds 10 entries (np.linspace(left, right, 10, dtype=int)); for the released
+    10-scale models this is identical. For other scale counts we interpolate over the actual K scales.
+    """
+    left: int
+    right: int
+
+    def __post_init__(self):
+        _check_count(self.left, 'iter_left')
+        _check_count(self.right, 'iter_right')
+
+    def caps(self, num_scales: int) -> List[int]:
+        return np.linspace(self.left, self.right, num_scales, dtype=int).tolist()
+
+    @property
+    def is_constant(self) -> bool:
+        return self.left == self.right
+
+    def __str__(self) -> str:
+        return f'linear:{self.left},{self.right}'
+
+
+@dataclass(frozen=True)
+class ListSchedule(IterSchedule):
+    """An explicit iteration count per scale."""
+    iters: Tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.iters) == 0:
+            raise ScheduleError('an explicit schedule needs one iteration count per scale, got an empty list')
+        object.__setattr__(self, 'iters', tuple(_check_count(n, 'iteration count') for n in self.iters))
+
+    def caps(self, num_scales: int) -> List[int]:
+        if len(self.iters) != num_scales:
+            raise ScheduleError(f'schedule lists {len(self.iters)} iteration counts but the model has {num_scales} '
+                                f'scales')
+        return list(self.iters)
+
+    @property
+    def is_constant(self) -> bool:
+        return len(set(self.iters)) == 1
+
+    def __str__(self) -> str:
+        return 'list:' + ','.join(map(str, self.iters))
+
+
+@dataclass(frozen=True)
+class AdaptiveSchedule(IterSchedule):
+    """Iterate each scale until the relative residual falls below `tolerance`, at most `cap` times."""
+    tolerance: float
+    cap: int
+
+    def __post_init__(self):
+        if not (isinstance(self.tolerance, (int, float)) and 0 < self.tolerance < float('inf')):
+            raise ScheduleError(f'adaptive tolerance must be a positive number, got {self.tolerance!r}')
+        _check_count(self.cap, 'adaptive iteration cap')
+
+    def caps(self, num_scales: int) -> List[int]:
+        return [self.cap] * num_scales
+
+    @property
+    def tol(self) -> Optional[float]:
+        return float(self.tolerance)
+
+    def __str__(self) -> str:
+        return f'adaptive:{self.tolerance:g},{self.cap}'
+
+
+def parse_schedule(spec: str) -> IterSchedule:
+    """Parse the CLI form (see the module docstring)."""
+    kind, _, arg = spec.strip().partition(':')
+    parts = [p for p in arg.replace(' ', '').split(',') if p != '']
+    try:
+        if kind == 'const' and len(parts) == 1:
+            return ConstantSchedule(int(parts[0]))
+        if kind == 'linear' and len(parts) == 2:
+            return LinearSchedule(int(parts[0]), int(parts[1]))
+        if kind == 'list':
+            return ListSchedule(tuple(int(p) for p in parts))
+        if kind == 'adaptive' and len(parts) == 2:
+            return AdaptiveSchedule(float(parts[0]), int(parts[1]))
+    except ValueError as e:
+        if isinstance(e, ScheduleError):
+            raise
+        raise ScheduleError(f'cannot parse schedule {spec!r}: {e}') from None
+    raise ScheduleError(f'unknown schedule {spec!r}; use const:N, linear:LEFT,RIGHT, list:N1,N2,... or '
+                        f'adaptive:TOL,CAP')

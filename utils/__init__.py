@@ -1,0 +1,1 @@
+"""Data, distributed helpers, checkpoint I/O, logging, lr schedules and metrics."""

@@ -1,0 +1,121 @@
+"""Checkpoint I/O: safe loading (never arbitrary unpickling), strict loading with readable diffs, atomic writes."""
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Mapping, Union
+
+import torch
+import torch.nn as nn
+
+PathLike = Union[str, os.PathLike]
+# Prefixes that wrappers add to parameter names (DDP, torch.compile).
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+MAX_LISTED_KEYS = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, unsafe, or does not fit the model."""
+
+
+def load_file(path: PathLike) -> Any:
+    """Load a `.pth`/`.pt` with `weights_only=True`, or a `.safetensors`, onto the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint not found: {path}')
+    if path.stat().st_size == 0:
+        raise CheckpointError(f'checkpoint is empty (0 bytes): {path}')
+    if path.suffix == '.safetensors':
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(str(path), device='cpu')
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f'{path}: not a readable safetensors file ({e})') from None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'weights only' in str(e).lower() or 'weights_only' in str(e):
+            raise CheckpointError(
+                f'{path}: refused to load: it contains pickled Python objects beyond tensors and plain containers, '
+                f'and unpickling them could run arbitrary code. Re-save it as a plain state dict or safetensors.'
+            ) from None
+        raise CheckpointError(f'{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f'{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})') from None
+
+
+def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove DDP/torch.compile prefixes from every key."""
+    out = {}
+    for k, v in sd.items():
+        for prefix in WRAPPER_PREFIXES:
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
+    """One line naming missing/unexpected keys and shape mismatches between a model and a state dict ('' if none)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f'{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for what, keys in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', shapes)):
+        if keys:
+            more = f' (+{len(keys) - MAX_LISTED_KEYS} more)' if len(keys) > MAX_LISTED_KEYS else ''
+            parts.append(f'{len(keys)} {what}: ' + ', '.join(keys[:MAX_LISTED_KEYS]) + more)
+    if not parts:
+        return ''
+    hint = ''
+    if any(k.startswith('implicit_block') for k in unexpected):
+        hint = ' -- this is a VIAR checkpoint; build the model with use_implicit=True'
+    elif any(k.startswith('implicit_block') for k in missing) and any(k.startswith('blocks.') for k in unexpected):
+        hint = ' -- this is an explicit VAR checkpoint; build the model without use_implicit'
+    return '; '.join(parts) + hint
+
+
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = 'state dict'):
+    """Strictly load `sd` into `model`, or raise a CheckpointError that names what does not fit."""
+    sd = strip_wrapper_prefixes(sd)
+    problem = describe_mismatch(model, sd)
+    if problem:
+        raise CheckpointError(f'{source} does not fit {type(model).__name__}: {problem}')
+    model.load_state_dict(sd, strict=True)
+
+
+def save_atomic(obj: Any, path: PathLike):
+    """torch.save to a temp file in the same directory, fsync, then rename over `path` (never a half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_safetensors(sd: Mapping[str, torch.Tensor], path: PathLike, metadata: Dict[str, str] = None):
+    """Write a state dict as safetensors, atomically (shared storage is cloned, as safetensors requires)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
