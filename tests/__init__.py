@@ -1,0 +1,1 @@
+"""Test suite: runs on the CPU in minutes with tiny configs."""

@@ -1,0 +1,214 @@
+"""VAR/VIAR transformer: block-causal masking, S-JFB, implicit iterations, cached sampling vs teacher forcing."""
+import pytest
+import torch
+
+from models import VARConfig, build_var
+from models.fixed_point import FixedPointIteration, sjfb
+from models.schedules import ConstantSchedule, ListSchedule
+from tests.conftest import make_vae, make_var
+
+# Configurations covering the general case (the golden fixture is only one of them).
+VARIANTS = [
+    dict(),
+    dict(shared_aln=True),
+    dict(attn_l2_norm=False),
+    dict(patch_nums=(1, 2, 4)),
+    dict(patch_nums=(1, 2, 3, 5, 6)),
+    dict(use_implicit=True, pre_depth=1, post_depth=1),
+    dict(use_implicit=True, pre_depth=0, post_depth=2, shared_aln=True),
+    dict(use_implicit=True, pre_depth=2, post_depth=0, attn_l2_norm=False, patch_nums=(1, 3)),
+]
+
+
+def _inputs(var, B=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, var.num_classes, (B,), generator=g)
+    x = torch.randn(B, var.L - 1, var.Cvae, generator=g)
+    return label, x
+
+
+@pytest.mark.parametrize('kw', VARIANTS)
+def test_block_causal_mask(kw):
+    var = make_var(**kw).eval()
+    label, x = _inputs(var)
+    iters = (0, 3) if var.use_implicit else None
+    with torch.no_grad():
+        ref = var(label, x, implicit_iters=iters)
+        for k, (bg, ed) in enumerate(var.begin_ends[:-1]):
+            x2 = x.clone()
+            x2[:, ed - 1:] += torch.randn_like(x2[:, ed - 1:])  # input rows >= ed-1 feed scales > k
+            out = var(label, x2, implicit_iters=iters)
+            assert torch.allclose(out[:, :ed], ref[:, :ed], atol=1e-5), f'scale {k} saw later scales'
+            assert not torch.allclose(out[:, ed:], ref[:, ed:], atol=1e-3), 'later scales ignored their input'
+
+
+@pytest.mark.parametrize('kw', VARIANTS)
+def test_cached_greedy_sampling_matches_teacher_forcing(kw):
+    # With cfg=0 and top_k=1 the sampler emits argmax tokens; teacher forcing on those tokens must agree
+    # (for VIAR with a constant schedule n, teacher forcing with (0, n) iterations).
+    var = make_var(**kw).eval()
+    vae = make_vae(patch_nums=var.patch_nums).freeze()
+    var.attach_vae(vae)
+    n = 3
+    img, idx = var.autoregressive_infer_cfg(B=3, label_B=torch.tensor([0, 1, 4]), cfg=0.0, top_k=1,
+                                            schedule=ConstantSchedule(n), return_idx=True)
+    assert img.shape == (3, 3, vae.config.image_size, vae.config.image_size)
+    with torch.no_grad():
+        logits = var(torch.tensor([0, 1, 4]), vae.quantize.idxBl_to_var_input(idx),
+                     implicit_iters=(0, n) if var.use_implicit else None)
+    assert torch.equal(logits.argmax(-1), torch.cat(idx, dim=1))
+
+
+def test_viar_zero_vs_n_iterations():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    label, x = _inputs(var)
+    with torch.no_grad():
+        zero = var(label, x, implicit_iters=(0, 0))
+        # Zero iterations = the implicit layer is skipped: post-blocks act on the pre-blocks' output directly.
+        trunk = build_var(var.config.replace(use_implicit=False, depth=2))
+        trunk.load_state_dict({k.replace('pre_blocks.0', 'blocks.0').replace('post_blocks.0', 'blocks.1'): v
+                               for k, v in var.state_dict().items() if 'implicit' not in k})
+        assert torch.allclose(zero, trunk.eval()(label, x), atol=1e-5)
+        three = var(label, x, implicit_iters=(0, 3))
+        split = var(label, x, implicit_iters=(2, 1))  # same map, same count: the split does not matter forward
+        assert not torch.allclose(zero, three, atol=1e-3)
+        assert torch.allclose(three, split, atol=1e-5)
+
+
+def _saved_bytes(var, label, x, iters):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        var(label, x, implicit_iters=iters).sum()
+    return total
+
+
+def test_sjfb_no_graph_for_no_grad_iterations():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).train()
+    label, x = _inputs(var)
+    one = _saved_bytes(var, label, x, (0, 1))
+    assert _saved_bytes(var, label, x, (5, 1)) == one
+    assert _saved_bytes(var, label, x, (10, 1)) == one
+    assert _saved_bytes(var, label, x, (0, 2)) > one
+
+
+def test_sjfb_gradients_match_manual_unroll():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    label, x = _inputs(var)
+    loss = var(label, x, implicit_iters=(3, 2)).logsumexp(-1).mean()
+    grads = torch.autograd.grad(loss, list(var.parameters()), allow_unused=True)
+
+    # Manual: 3 detached iterations, 2 recorded, gradient into the pre-blocks only through the injection u.
+    cond = var.class_emb(label)
+    h = torch.cat((cond.unsqueeze(1) + var.pos_start, var.word_embed(x)), 1) + var.lvl_embed(var.lvl_1L) + var.pos_1LC
+    bias = var.attn_bias_for_masking
+    u = var.pre_blocks[0](h, cond, bias)
+    f = var.implicit_map(u, cond, bias)
+    z = u.detach()
+    with torch.no_grad():
+        for it in range(3):
+            z = f(z, it)
+    for it in range(3, 5):
+        z = f(z, it)
+    manual = var.get_logits(var.post_blocks[0](z, cond, bias), cond).logsumexp(-1).mean()
+    ref = torch.autograd.grad(manual, list(var.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(var.named_parameters(), grads, ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6), name
+    named = dict(zip([n for n, _ in var.named_parameters()], grads))
+    for name in ('pre_blocks.0.attn.mat_qkv.weight', 'implicit_block.ffn.fc1.weight',
+                 'implicit_block_projection.0.weight', 'post_blocks.0.ffn.fc2.weight'):
+        assert named[name] is not None and named[name].abs().sum() > 0, name
+
+
+def test_sjfb_draws_are_seeded_and_in_range():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1,
+                   implicit_no_grad_iters=(0, 4), implicit_grad_iters=(1, 3)).train()
+    var.seed_implicit_iters(123)
+    a = [var.draw_implicit_iters() for _ in range(50)]
+    var.seed_implicit_iters(123)
+    assert a == [var.draw_implicit_iters() for _ in range(50)]
+    assert {n for n, _ in a} == set(range(5)) and {g for _, g in a} == {1, 2, 3}
+    label, x = _inputs(var)
+    var(label, x)
+    assert var.last_implicit_iters is not None
+    var.eval()
+    assert var.draw_implicit_iters() == (0, var.config.implicit_eval_iters)
+
+
+def test_sjfb_function_edge_cases():
+    f = lambda z, it: 0.5 * z + 1  # noqa: E731  contraction with fixed point 2
+    z0 = torch.zeros(3, requires_grad=True)
+    assert sjfb(f, z0, 0, 0) is z0
+    assert torch.allclose(sjfb(f, z0, 40, 1), torch.full((3,), 2.0))
+    with pytest.raises(ValueError):
+        sjfb(f, z0, -1, 1)
+    trace = []
+    FixedPointIteration().solve(f, torch.zeros(3) + 1, 50, tol=1e-3, trace=trace)
+    assert len(trace) < 50 and trace[-1]['residual'] < 1e-3  # adaptive stop
+    assert all(a['residual'] > b['residual'] for a, b in zip(trace, trace[1:]))
+
+
+def test_class_dropout_only_in_training():
+    var = make_var(cond_drop_rate=1.0)
+    label, x = _inputs(var)
+    null = torch.full_like(label, var.num_classes)
+    var.eval()
+    with torch.no_grad():
+        assert not torch.allclose(var(label, x), var(null, x))
+        var.train()
+        torch.manual_seed(0)
+        assert torch.allclose(var(label, x), var(null, x), atol=1e-6)  # every label dropped
+
+
+def test_bf16_autocast_forward_runs():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    label, x = _inputs(var)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = var(label, x, implicit_iters=(0, 2))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    with torch.no_grad():
+        ref = var(label, x, implicit_iters=(0, 2))
+    assert (logits - ref).abs().max() < 0.1
+
+
+def test_non_constant_schedules_and_trace():
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    var.attach_vae(make_vae(patch_nums=var.patch_nums).freeze())
+    trace = {}
+    for sched in (ListSchedule((4, 3, 0, 1)), ListSchedule((0, 1, 2, 5))):
+        trace.clear()
+        img = var.autoregressive_infer_cfg(B=2, label_B=1, cfg=1.5, top_k=3, g_seed=0, schedule=sched, trace=trace)
+        assert torch.isfinite(img).all()
+        assert [len(trace[si]) for si in range(4)] == list(sched.iters)
+    a = var.autoregressive_infer_cfg(B=2, label_B=None, g_seed=7, top_k=5, top_p=0.9)
+    b = var.autoregressive_infer_cfg(B=2, label_B=None, g_seed=7, top_k=5, top_p=0.9)
+    assert torch.equal(a, b)  # same seed, same images
+    smooth = var.autoregressive_infer_cfg(B=2, label_B=2, g_seed=7, top_k=5, more_smooth=True)
+    assert smooth.shape == a.shape
+
+
+def test_meta_forward_counts_without_memory():
+    var = build_var(VARConfig(depth=2, use_implicit=True, pre_depth=1, post_depth=1), 'meta')
+    label = torch.zeros(2, dtype=torch.long, device='meta')
+    x = torch.zeros(2, var.L - 1, var.Cvae, device='meta')
+    out = var(label, x, implicit_iters=(1, 1))
+    assert out.is_meta and out.shape == (2, var.L, var.V)
+
+
+def test_config_recovered_for_all_variants():
+    for kw in VARIANTS:
+        var = make_var(**kw)
+        heads = {} if var.config.attn_l2_norm else {'num_heads': var.num_heads}  # not stored in the weights
+        cfg = VARConfig.from_state_dict(var.state_dict(), **heads)
+        for field, value in var.config.to_dict().items():
+            if field in ('embed_dim', 'num_heads', 'patch_nums', 'use_implicit', 'shared_aln', 'attn_l2_norm',
+                         'num_classes', 'vocab_size', 'Cvae') or (var.use_implicit and field.endswith('_depth')):
+                assert cfg.to_dict()[field] == value, (kw, field)
+        build_var(cfg).load_state_dict(var.state_dict(), strict=True)
