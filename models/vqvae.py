@@ -158,14 +158,18 @@ class VQVAE(nn.Module):
             return self.fhat_to_img(f_hats[-1])
         return [self.fhat_to_img(f_hat) for f_hat in f_hats]
 
-    def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        # Kept from the official VQVAE: a checkpoint whose code-usage EMA was recorded for a different number of
-        # scales still loads; the model keeps its own (freshly zeroed) buffer.
+    def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Kept from the official VQVAE: a checkpoint whose code-usage EMA was recorded for a different number of
+        scales still loads; that buffer then starts from zeros."""
         key = 'quantize.ema_vocab_hit_SV'
-        if key in state_dict and state_dict[key].shape[0] != self.quantize.ema_vocab_hit_SV.shape[0]:
+        own = self.quantize.ema_vocab_hit_SV
+        if key in state_dict and state_dict[key].shape[0] != own.shape[0]:
             state_dict = dict(state_dict)
-            state_dict[key] = self.quantize.ema_vocab_hit_SV
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+            state_dict[key] = torch.zeros(own.shape, dtype=own.dtype)
+        return state_dict
+
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        return super().load_state_dict(self.adapt_state_dict(state_dict), strict=strict, assign=assign)
 
 
 VQVAE_PRESETS: Dict[str, VQVAEConfig] = {

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from models import VQVAE, VQVAEConfig, build_vqvae
 from models.quantizer import MultiScaleQuantizer, phi_index
 from tests.conftest import make_vae
+from utils.checkpoint import load_state_dict_strict
 
 
 def test_phi_index_released_table():
@@ -123,3 +124,6 @@ def test_ema_buffer_with_other_scale_count_still_loads():
     sd['quantize.ema_vocab_hit_SV'] = torch.ones(7, 32)
     VQVAE.load_state_dict(vae, sd, strict=True)
     assert vae.quantize.ema_vocab_hit_SV.shape == (4, 32)
+    meta = build_vqvae(vae.config, 'meta')
+    load_state_dict_strict(meta, sd, assign=True)
+    assert not meta.quantize.ema_vocab_hit_SV.is_meta and meta.quantize.ema_vocab_hit_SV.sum() == 0

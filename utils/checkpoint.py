@@ -79,13 +79,22 @@ def describe_mismatch(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> str:
     return '; '.join(parts) + hint
 
 
-def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = 'state dict'):
-    """Strictly load `sd` into `model`, or raise a CheckpointError that names what does not fit."""
+def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], source: str = 'state dict',
+                           assign: bool = False):
+    """Strictly load `sd` into `model`, or raise a CheckpointError that names what does not fit.
+
+    With `assign=True` the model may live on the meta device: its tensors are replaced by the (float32) checkpoint
+    tensors, which skips initialising a large model only to overwrite it.
+    """
     sd = strip_wrapper_prefixes(sd)
+    if hasattr(model, 'adapt_state_dict'):
+        sd = model.adapt_state_dict(sd)
     problem = describe_mismatch(model, sd)
     if problem:
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: {problem}')
-    model.load_state_dict(sd, strict=True)
+    if assign:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def save_atomic(obj: Any, path: PathLike):

@@ -1,0 +1,68 @@
+"""One error style for every command-line tool: bad input -> one line on stderr, exit code 2, no traceback.
+
+Set `--debug` (where a CLI offers it) or the environment variable VIAR_DEBUG=1 to see the traceback instead.
+"""
+import argparse
+import os
+import sys
+from typing import Callable, Optional
+
+import torch
+
+from models.schedules import ScheduleError
+from utils.checkpoint import CheckpointError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """Invalid input or environment that the user can fix; reported as one line."""
+
+
+# Exceptions that describe bad input rather than a bug in this code.
+USER_ERRORS = (UserError, CheckpointError, ScheduleError, ValueError, OSError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) and a `--debug` flag."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument('--debug', action='store_true', help='show full tracebacks (same as VIAR_DEBUG=1)')
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def one_line(e: BaseException) -> str:
+    """The exception's message on a single line."""
+    text = ' '.join(part.strip() for part in str(e).splitlines() if part.strip())
+    return text or type(e).__name__
+
+
+def run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse arguments and call `main(args)`, turning user errors into one line and exit code 2."""
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, 'debug', False) or os.environ.get('VIAR_DEBUG'))
+    try:
+        return main(args) or 0
+    except KeyboardInterrupt:
+        print(f'{parser.prog}: interrupted', file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except torch.OutOfMemoryError as e:
+        if debug:
+            raise
+        print(f'{parser.prog}: error: out of memory ({one_line(e)[:200]}); lower the batch size', file=sys.stderr)
+        return EXIT_USER_ERROR
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f'{parser.prog}: error: {one_line(e)}', file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def main_entry(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser):
+    """`if __name__ == '__main__': main_entry(main, get_parser())`."""
+    sys.exit(run(main, parser))
