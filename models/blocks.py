@@ -1,10 +1,12 @@
-"""Transformer blocks of VAR/VIAR: AdaLN self-attention blocks, the head's AdaLN, and a key/value cache."""
+"""Transformer blocks of VAR/VIAR: AdaLN self-attention blocks and the head's AdaLN."""
 import math
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kv_cache import KVCache
 
 # Upper bound of the learnable attention temperature exp(s_h) under attn_l2_norm. Computed in float32 and
 # converted, like the official code, so the clamp threshold is bit-identical.
@@ -33,37 +35,6 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f'p={self.drop_prob:g}'
-
-
-class KVCache:
-    """Preallocated keys/values (B, H, max_len, head_dim) of one attention layer, filled scale after scale."""
-
-    def __init__(self, max_len: int):
-        self.max_len = max_len
-        self.len = 0
-        self.k: Optional[torch.Tensor] = None
-        self.v: Optional[torch.Tensor] = None
-
-    def append(self, k_BHlc: torch.Tensor, v_BHlc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's keys/values after the earlier ones and return views of everything stored."""
-        B, H, l, c = k_BHlc.shape
-        if self.k is None:
-            self.k = k_BHlc.new_empty(B, H, self.max_len, c)
-            self.v = v_BHlc.new_empty(B, H, self.max_len, c)
-        end = self.len + l
-        if end > self.max_len:
-            raise RuntimeError(f'KV cache overflow: {end} tokens > preallocated {self.max_len}')
-        self.k[:, :, self.len:end] = k_BHlc
-        self.v[:, :, self.len:end] = v_BHlc
-        self.len = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated for keys and values (the preallocated capacity, not only the filled part)."""
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
 
 class SelfAttention(nn.Module):

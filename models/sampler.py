@@ -1,20 +1,67 @@
-"""The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p) used by every entry point."""
+"""The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p, editing) used by every entry point."""
+import hashlib
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .blocks import KVCache
-from .schedules import ConstantSchedule, IterSchedule
+from .kv_cache import TrunkCaches
+from .schedules import BudgetSchedule, ConstantSchedule, IterSchedule, ListSchedule, allocate_budget
 
 # more_smooth (Gumbel-softmax token mixing, MaskGIT-style) temperature: max(0.27 * (1 - 0.95 r), 0.005).
 SMOOTH_TAU0, SMOOTH_TAU_DECAY, SMOOTH_TAU_MIN = 0.27, 0.95, 0.005
+# Editing: a scale whose map has at most this many tokens is taken whole from the source image (official rule).
+EDIT_FORCE_WHOLE_MAX_TOKENS = 3
 
 
-def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
-                             rng: Optional[torch.Generator] = None, num_samples: int = 1) -> torch.Tensor:
-    """Filter logits in place by top-k then nucleus (top-p) and draw indices (B, l, num_samples)."""
-    B, l, V = logits_BlV.shape
+def image_seed(seed: int, index: int) -> int:
+    """Seed of the image with global index `index` in a run seeded `seed` (independent of batching and ranks)."""
+    digest = hashlib.sha256(f'viar:{seed}:{index}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'little') & ((1 << 63) - 1)
+
+
+class SamplerRNG:
+    """Randomness of one batch: one generator for the batch (official `g_seed`), one per image, or the global RNG.
+
+    Per-image generators make every image depend only on its own seed, so a 50k set is the same whatever the batch
+    size or the number of processes.
+    """
+
+    def __init__(self, device: torch.device, g_seed: Optional[int] = None,
+                 image_seeds: Optional[Sequence[int]] = None):
+        self.batch_gen, self.image_gens = None, None
+        if image_seeds is not None:
+            self.image_gens = [torch.Generator(device=device).manual_seed(int(s)) for s in image_seeds]
+        elif g_seed is not None:
+            self.batch_gen = torch.Generator(device=device).manual_seed(int(g_seed))
+
+    def labels(self, B: int, num_classes: int, device: torch.device) -> torch.Tensor:
+        """Uniformly drawn class labels (B,)."""
+        if self.image_gens is not None:
+            return torch.cat([torch.randint(num_classes, (1,), generator=g, device=device) for g in self.image_gens])
+        uniform = torch.full((1, num_classes), 1.0 / num_classes, device=device)
+        return torch.multinomial(uniform, num_samples=B, replacement=True, generator=self.batch_gen).reshape(B)
+
+    def multinomial(self, probs_BlV: torch.Tensor) -> torch.Tensor:
+        """One draw per token: indices (B, l)."""
+        B, l, V = probs_BlV.shape
+        if self.image_gens is not None:
+            return torch.stack([torch.multinomial(probs_BlV[b], 1, replacement=True, generator=g)[:, 0]
+                                for b, g in enumerate(self.image_gens)])
+        return torch.multinomial(probs_BlV.reshape(-1, V), 1, replacement=True,
+                                 generator=self.batch_gen).view(B, l)
+
+    def exponential_like(self, x_BlV: torch.Tensor) -> torch.Tensor:
+        """Exponential(1) noise shaped like x (for Gumbel noise)."""
+        if self.image_gens is not None:
+            return torch.stack([torch.empty_like(x_BlV[b]).exponential_(generator=g)
+                                for b, g in enumerate(self.image_gens)])
+        return torch.empty_like(x_BlV).exponential_(generator=self.batch_gen)
+
+
+def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p."""
     if top_k > 0:
         kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
@@ -23,119 +70,124 @@ def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: fl
         sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         sorted_remove[..., -1:] = False  # always keep the most likely token
         logits_BlV.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
-    replacement = num_samples >= 0
+    return logits_BlV
+
+
+def sample_with_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0,
+                             rng: Optional[torch.Generator] = None, num_samples: int = 1) -> torch.Tensor:
+    """The official helper: filter in place and draw indices (B, l, num_samples) with one generator."""
+    B, l, V = logits_BlV.shape
+    top_k_top_p_filter_(logits_BlV, top_k, top_p)
     probs = logits_BlV.softmax(dim=-1).view(-1, V)
-    return torch.multinomial(probs, num_samples=abs(num_samples), replacement=replacement,
+    return torch.multinomial(probs, num_samples=abs(num_samples), replacement=num_samples >= 0,
                              generator=rng).view(B, l, abs(num_samples))
 
 
-def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float = 1.0, hard: bool = False, dim: int = -1,
-                            rng: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Gumbel-softmax whose noise comes from `rng` (torch's own version cannot take a generator)."""
-    if rng is None:
-        return F.gumbel_softmax(logits=logits, tau=tau, hard=hard, dim=dim)
-    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(generator=rng).log()
-    y_soft = ((logits + gumbels) / tau).softmax(dim)
-    if not hard:
-        return y_soft
-    index = y_soft.max(dim, keepdim=True)[1]
-    y_hard = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(dim, index, 1.0)
-    return y_hard - y_soft.detach() + y_soft
+def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: SamplerRNG, dim: int = -1) -> torch.Tensor:
+    """Soft Gumbel-softmax whose noise comes from `rng`."""
+    gumbels = -rng.exponential_like(logits).log()
+    return ((logits + gumbels) / tau).softmax(dim)
 
 
-class PerIterationKVCaches(dict):
-    """The official implicit-block cache: one KV cache per iteration index, created on first use.
+@dataclass
+class EditSpec:
+    """Zero-shot editing: where `keep_masks[si]` (B, pn, pn) is True, scale si takes the source tokens."""
+    gt_idx_Bl: List[torch.Tensor]
+    keep_masks: List[torch.Tensor]
 
-    Iteration `it` of a scale attends to the it-th iterate of every earlier scale that ran more than `it`
-    iterations, so it matches teacher forcing exactly only for constant schedules.
+
+def make_edit_spec(gt_idx_Bl: List[torch.Tensor], keep_mask_BHW: torch.Tensor,
+                   patch_nums: Sequence[int]) -> EditSpec:
+    """Per-scale keep masks from one mask on the finest token grid (1 = keep the source, 0 = generate).
+
+    Each scale gets the bilinear resize of the mask thresholded at 0.5; the tiniest scales are kept whole.
     """
-
-    def __init__(self, max_len_per_it: Sequence[int], default_len: int):
-        super().__init__()
-        self.max_len_per_it, self.default_len = list(max_len_per_it), default_len
-
-    def __missing__(self, it: int) -> KVCache:
-        n = self.max_len_per_it[it] if it < len(self.max_len_per_it) else self.default_len
-        cache = self[it] = KVCache(n)
-        return cache
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.values())
-
-
-class TrunkCaches:
-    """All KV caches of one sampling call, preallocated to the tokens each layer will see."""
-
-    def __init__(self, var, caps: List[int], adaptive: bool):
-        L = var.L
-        if var.use_implicit:
-            self.pre = [KVCache(L) for _ in var.pre_blocks]
-            self.post = [KVCache(L) for _ in var.post_blocks]
-            # Iteration `it` stores the scales that run more than `it` iterations; an adaptive schedule may stop
-            # early, so it keeps the worst case.
-            sizes = [pn * pn for pn in var.patch_nums]
-            max_len = [sum(n for n, c in zip(sizes, caps) if c > it) for it in range(max(caps, default=0))]
-            self.implicit = PerIterationKVCaches(max_len if not adaptive else [L] * len(max_len), L)
-            self.blocks: List[KVCache] = []
+    if keep_mask_BHW.ndim != 3:
+        raise ValueError(f'edit mask must be (B, h, w), got shape {tuple(keep_mask_BHW.shape)}')
+    m = keep_mask_BHW.float().unsqueeze(1)
+    masks = []
+    for pn in patch_nums:
+        if pn * pn <= EDIT_FORCE_WHOLE_MAX_TOKENS:
+            masks.append(torch.ones(m.shape[0], pn, pn, dtype=torch.bool, device=m.device))
         else:
-            self.blocks = [KVCache(L) for _ in var.blocks]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by every cache of the call."""
-        caches = self.blocks if self.blocks else self.pre + self.post
-        total = sum(c.nbytes for c in caches)
-        return total + (self.implicit.nbytes if not self.blocks else 0)
+            masks.append(F.interpolate(m, size=(pn, pn), mode='bilinear', align_corners=False)[:, 0] > 0.5)
+    return EditSpec(gt_idx_Bl=list(gt_idx_Bl), keep_masks=masks)
 
 
 def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: TrunkCaches, num_iters: int,
-                  tol: Optional[float] = None, trace: Optional[List[dict]] = None) -> torch.Tensor:
-    """Run the trunk on one scale's tokens with KV caching (no mask: a scale sees itself and all coarser ones)."""
+                  solver=None, tol: Optional[float] = None, trace: Optional[List[dict]] = None):
+    """Run the trunk on one scale's tokens with KV caching (no mask: a scale sees itself and all coarser ones).
+
+    Returns (hidden states, number of implicit iterations run).
+    """
     if not var.use_implicit:
         for block, cache in zip(var.blocks, caches.blocks):
             x_BlC = block(x_BlC, cond_gss, None, cache)
-        return x_BlC
+        return x_BlC, 0
     for block, cache in zip(var.pre_blocks, caches.pre):
         x_BlC = block(x_BlC, cond_gss, None, cache)
     f = var.implicit_map(x_BlC, cond_gss, None, caches.implicit)
-    x_BlC = var.solver.solve(f, x_BlC, num_iters, tol=tol, trace=trace)
+    calls = [0]
+
+    def counted(z: torch.Tensor, it: int) -> torch.Tensor:
+        calls[0] += 1
+        return f(z, it)
+
+    x_BlC = (solver or var.solver).solve(counted, x_BlC, num_iters, tol=tol, trace=trace)
+    caches.implicit.end_scale()
     for block, cache in zip(var.post_blocks, caches.post):
         x_BlC = block(x_BlC, cond_gss, None, cache)
-    return x_BlC
+    return x_BlC, calls[0]
+
+
+def check_sampling_args(var, label_B, cfg: float, top_k: int, top_p: float):
+    """Raise ValueError for arguments the sampler cannot honour."""
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f'top_p must lie in [0, 1], got {top_p}')
+    if top_k < 0:
+        raise ValueError(f'top_k must be >= 0, got {top_k}')
+    if cfg < 0:
+        raise ValueError(f'cfg must be >= 0, got {cfg}')
+    if isinstance(label_B, torch.Tensor) and label_B.numel() and (label_B.min() < 0 or
+                                                                  label_B.max() > var.num_classes):
+        raise ValueError(f'class ids must lie in [0, {var.num_classes - 1}] ({var.num_classes} = unconditional), '
+                         f'got {label_B.min().item()}..{label_B.max().item()}')
 
 
 @torch.no_grad()
 def autoregressive_infer_cfg(
     var, B: int, label_B: Union[None, int, torch.Tensor], g_seed: Optional[int] = None, cfg: float = 1.5,
     top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, schedule: Optional[IterSchedule] = None,
-    trace: Optional[Dict[int, List[dict]]] = None, return_idx: bool = False,
+    image_seeds: Optional[Sequence[int]] = None, kv_policy: str = 'per_iteration', solver=None,
+    edit: Optional[EditSpec] = None, trace: Optional[Dict[int, List[dict]]] = None, return_idx: bool = False,
+    stats: Optional[dict] = None,
 ):
     """Generate B images in [0, 1] (B, 3, H, W) with classifier-free guidance ramped linearly over the scales.
 
-    label_B: None draws classes uniformly, an int fills the batch (negative = the null class), a tensor gives one
-    class per image. g_seed re-seeds a generator on the model's device per call (official semantics).
-    `schedule` sets the implicit iterations per scale (VIAR only; default: implicit_eval_iters at every scale).
-    `trace`, when a dict, receives per scale the fixed-point residual/cosine of every iteration.
-    With `return_idx` the sampled token pyramid (list of (B, pn*pn)) is returned after the images.
+    label_B: None draws classes, an int fills the batch (negative = the null class), a tensor gives one class per
+    image. Randomness: `image_seeds` (one seed per image) or `g_seed` (one generator for the batch, the official
+    semantics) or neither (global RNG). `schedule` sets the implicit iterations per scale (VIAR only; default
+    `implicit_eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit block is cached and solved.
+    `edit` forces source tokens where its masks say so. `trace`, when a dict, receives per scale the fixed-point
+    residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
+    `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'kv_bytes' and 'kv_caches'.
     """
     vae = var.vae
     device = var.lvl_1L.device
     K = len(var.patch_nums)
-    rng = None
-    if g_seed is not None:
-        rng = torch.Generator(device=device)
-        rng.manual_seed(g_seed)
+    if image_seeds is not None and len(image_seeds) != B:
+        raise ValueError(f'got {len(image_seeds)} image seeds for a batch of {B}')
+    rng = SamplerRNG(device, g_seed=g_seed, image_seeds=image_seeds)
     if label_B is None:
-        uniform = torch.full((1, var.num_classes), 1.0 / var.num_classes, device=device)
-        label_B = torch.multinomial(uniform, num_samples=B, replacement=True, generator=rng).reshape(B)
+        label_B = rng.labels(B, var.num_classes, device)
     elif isinstance(label_B, int):
         label_B = torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device)
     label_B = label_B.to(device)
+    check_sampling_args(var, label_B, cfg, top_k, top_p)
 
     schedule = schedule or ConstantSchedule(var.config.implicit_eval_iters)
     caps = schedule.caps(K) if var.use_implicit else [0] * K
-    caches = TrunkCaches(var, caps, adaptive=schedule.tol is not None)
+    caches = TrunkCaches(var, caps, adaptive=schedule.tol is not None, policy=kv_policy)
 
     sos = cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes)), dim=0))
     lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
@@ -146,23 +198,30 @@ def autoregressive_infer_cfg(
     quant = vae.quantize
     f_hat = sos.new_zeros(B, var.Cvae, var.patch_nums[-1], var.patch_nums[-1])
     cur_L = 0
-    idx_pyramid = []
+    idx_pyramid, iters_run = [], []
     for si, pn in enumerate(var.patch_nums):
         ratio = si / var.num_stages_minus_1
         cur_L += pn * pn
         scale_trace = None if trace is None else trace.setdefault(si, [])
-        x_BlC = forward_scale(var, next_token_map, cond_gss, caches, caps[si], tol=schedule.tol, trace=scale_trace)
+        x_BlC, n_run = forward_scale(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
+                                     tol=schedule.tol, trace=scale_trace)
+        iters_run.append(n_run)
         logits_BlV = var.get_logits(x_BlC, cond_BD)
         t = cfg * ratio
         logits_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
-        idx_Bl = sample_with_top_k_top_p_(logits_BlV, top_k=top_k, top_p=top_p, rng=rng, num_samples=1)[:, :, 0]
-        idx_pyramid.append(idx_Bl)
+        top_k_top_p_filter_(logits_BlV, top_k, top_p)
+        idx_Bl = rng.multinomial(logits_BlV.softmax(dim=-1))
         if not more_smooth:
             h_BlC = quant.embedding(idx_Bl)
         else:
             tau = max(SMOOTH_TAU0 * (1 - ratio * SMOOTH_TAU_DECAY), SMOOTH_TAU_MIN)
-            soft = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau=tau, hard=False, dim=-1, rng=rng)
-            h_BlC = soft @ quant.embedding.weight.unsqueeze(0)
+            h_BlC = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
+        if edit is not None:
+            keep_Bl = edit.keep_masks[si].reshape(B, -1).to(device)
+            gt_Bl = edit.gt_idx_Bl[si].to(device)
+            idx_Bl = torch.where(keep_Bl, gt_Bl, idx_Bl)
+            h_BlC = torch.where(keep_Bl.unsqueeze(-1), quant.embedding(gt_Bl).to(h_BlC.dtype), h_BlC)
+        idx_pyramid.append(idx_Bl)
         h_BChw = h_BlC.transpose(1, 2).reshape(B, var.Cvae, pn, pn)
         f_hat, next_map = quant.get_next_autoregressive_input(si, K, f_hat, h_BChw)
         if si != var.num_stages_minus_1:
@@ -171,4 +230,51 @@ def autoregressive_infer_cfg(
             next_token_map = var.word_embed(next_BlCv) + lvl_pos[:, cur_L:cur_L + pn_next * pn_next]
             next_token_map = next_token_map.repeat(2, 1, 1)  # conditional and unconditional halves for CFG
     img_B3HW = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
+    if stats is not None:
+        stats.update(iters=iters_run, kv_bytes=caches.nbytes, kv_caches=caches)
     return (img_B3HW, idx_pyramid) if return_idx else img_B3HW
+
+
+def implicit_iteration_flops(var, si: int) -> float:
+    """FLOPs of one implicit iteration at scale si for one image (both CFG halves), attending to all tokens so far.
+
+    Per sequence: fusion MLP 12 l C^2, attention projections 8 l C^2, FFN 4 r l C^2, attention scores and
+    mixing 4 l ctx C, with l tokens at the scale and ctx tokens visible.
+    """
+    C, r = var.C, var.config.mlp_ratio
+    l = var.patch_nums[si] ** 2
+    ctx = var.begin_ends[si][1]
+    return 2 * (l * (20 + 4 * r) * C * C + 4 * l * ctx * C)
+
+
+@torch.no_grad()
+def measure_residual_curves(var, max_iters: int, num_images: int = 4, seed: int = 0, cfg: float = 1.5,
+                            top_k: int = 0, top_p: float = 0.0, kv_policy: str = 'per_iteration',
+                            solver=None) -> List[List[float]]:
+    """Mean relative residual per scale and iteration, from sampling a few random-class images at `max_iters`."""
+    trace: Dict[int, List[dict]] = {}
+    autoregressive_infer_cfg(var, num_images, None, cfg=cfg, top_k=top_k, top_p=top_p,
+                             schedule=ConstantSchedule(max_iters), image_seeds=[image_seed(seed, i) for i in
+                                                                                 range(num_images)],
+                             kv_policy=kv_policy, solver=solver, trace=trace)
+    return [[step['residual'] for step in trace[si]] for si in range(len(var.patch_nums))]
+
+
+def resolve_schedule(var, schedule: IterSchedule, **calibration) -> IterSchedule:
+    """Turn a BudgetSchedule into per-scale counts for this model (other schedules are returned as they are).
+
+    The residual curves come from `measure_residual_curves(var, schedule.cap, **calibration)`; costs are one
+    iteration each ('iters') or `implicit_iteration_flops` in GFLOPs ('gflops').
+    """
+    if not isinstance(schedule, BudgetSchedule):
+        return schedule
+    if not var.use_implicit:
+        raise ValueError('an iteration budget only applies to VIAR (implicit) models')
+    curves = measure_residual_curves(var, schedule.cap + 1, **calibration)
+    K = len(var.patch_nums)
+    if schedule.unit == 'iters':
+        costs = [1.0] * K
+    else:
+        costs = [implicit_iteration_flops(var, si) / 1e9 for si in range(K)]
+    allocated = allocate_budget(curves, costs, schedule.budget, max_iters=schedule.cap)
+    return ListSchedule(allocated.iters)

@@ -317,16 +317,16 @@ class VAR(nn.Module):
     # ---- sampling ------------------------------------------------------------------------------------------------
     def autoregressive_infer_cfg(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
                                  top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, iter_left: int = 10,
-                                 iter_right: int = 10, schedule: Optional[IterSchedule] = None,
-                                 trace: Optional[dict] = None, return_idx: bool = False):
-        """The official sampling entry point: images (B, 3, H, W) in [0, 1]. See `models.sampler`.
+                                 iter_right: int = 10, schedule: Optional[IterSchedule] = None, **sampler_kwargs):
+        """The official sampling entry point: images (B, 3, H, W) in [0, 1].
 
         `iter_left`/`iter_right` give the official linear schedule of implicit iterations; `schedule` overrides it.
+        Further keyword arguments (image_seeds, kv_policy, solver, edit, trace, return_idx) go to
+        `models.sampler.autoregressive_infer_cfg`.
         """
         schedule = schedule or LinearSchedule(iter_left, iter_right)
         return autoregressive_infer_cfg(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
-                                        more_smooth=more_smooth, schedule=schedule, trace=trace,
-                                        return_idx=return_idx)
+                                        more_smooth=more_smooth, schedule=schedule, **sampler_kwargs)
 
     def extra_repr(self) -> str:
         kind = f'VIAR(pre={self.config.pre_depth}, post={self.config.post_depth})' if self.use_implicit else 'VAR'

@@ -1,0 +1,156 @@
+"""The sampler: per-image seeding, KV-cache policies, solvers, adaptive and budget schedules, zero-shot editing."""
+import pytest
+import torch
+
+from models.fixed_point import AndersonAcceleration, FixedPointIteration, make_solver
+from models.sampler import (autoregressive_infer_cfg, image_seed, implicit_iteration_flops, make_edit_spec,
+                            resolve_schedule)
+from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
+                              allocate_budget, parse_schedule)
+from tests.conftest import make_vae, make_var
+
+
+def _model(**kw):
+    var = make_var(**kw).eval()
+    return var.attach_vae(make_vae(patch_nums=var.patch_nums).freeze())
+
+
+@pytest.fixture(scope='module')
+def viar():
+    return _model(use_implicit=True, pre_depth=1, post_depth=1)
+
+
+def _sample(var, labels, seeds, **kw):
+    return autoregressive_infer_cfg(var, len(labels), torch.tensor(labels), image_seeds=seeds, top_k=8, top_p=0.95,
+                                    cfg=1.5, **kw)
+
+
+@pytest.mark.parametrize('implicit', [False, True])
+def test_same_seed_same_image_whatever_the_batch(implicit):
+    var = _model(use_implicit=implicit, pre_depth=1, post_depth=1)
+    labels, seeds = [0, 1, 2, 3, 4], [image_seed(7, i) for i in range(5)]
+    whole = _sample(var, labels, seeds)
+    parts = torch.cat([_sample(var, labels[:2], seeds[:2]), _sample(var, labels[2:3], seeds[2:3]),
+                       _sample(var, labels[3:], seeds[3:])])
+    assert torch.allclose(whole, parts, atol=1e-5)
+    other = _sample(var, labels, [image_seed(8, i) for i in range(5)])
+    assert all(not torch.allclose(whole[i], other[i], atol=1e-3) for i in range(5))
+    assert image_seed(7, 3) != image_seed(3, 7) and image_seed(7, 3) == seeds[3]
+
+
+def test_kv_policies(viar):
+    labels, seeds = [0, 1, 2], [image_seed(0, i) for i in range(3)]
+    stats_it, stats_lean = {}, {}
+    # With one iteration per scale both policies hold exactly the same keys/values.
+    a, ia = _sample(viar, labels, seeds, schedule=ConstantSchedule(1), kv_policy='per_iteration', return_idx=True)
+    b, ib = _sample(viar, labels, seeds, schedule=ConstantSchedule(1), kv_policy='lean', return_idx=True)
+    assert torch.allclose(a, b, atol=1e-6) and all(torch.equal(x, y) for x, y in zip(ia, ib))
+    _sample(viar, labels, seeds, schedule=ConstantSchedule(4), kv_policy='per_iteration', stats=stats_it)
+    _sample(viar, labels, seeds, schedule=ConstantSchedule(4), kv_policy='lean', stats=stats_lean)
+    # Lean keeps one layer's worth of implicit cache; per-iteration keeps one per iteration index.
+    imp_it, imp_lean = stats_it['kv_caches'].implicit.nbytes, stats_lean['kv_caches'].implicit.nbytes
+    assert imp_it == 4 * imp_lean > 0
+    assert stats_it['kv_bytes'] - imp_it == stats_lean['kv_bytes'] - imp_lean
+    with pytest.raises(ValueError, match='KV-cache policy'):
+        _sample(viar, labels, seeds, kv_policy='greedy')
+
+
+def test_per_iteration_caches_are_preallocated_exactly(viar):
+    stats = {}
+    _sample(viar, [0, 1], [1, 2], schedule=ListSchedule((2, 1, 0, 3)), stats=stats)
+    caches = stats['kv_caches']
+    assert stats['iters'] == [2, 1, 0, 3]
+    sizes = {it: (c.len, c.max_len) for it, c in caches.implicit.items()}
+    assert sizes == {0: (21, 21), 1: (17, 17), 2: (16, 16)}  # scales with more than `it` iterations: 1+4+16, 1+16, 16
+    assert all(c.len == c.max_len == viar.L for c in caches.pre + caches.post)
+
+
+def _contractive(var):
+    # Shrink the fusion MLP's output so the implicit map is a strong contraction: iterations converge quickly.
+    with torch.no_grad():
+        var.implicit_block_projection[2].weight.mul_(0.05)
+    return var
+
+
+def test_adaptive_schedule_stops_early_and_records_counts():
+    var = _contractive(_model(use_implicit=True, pre_depth=1, post_depth=1))
+    stats, trace = {}, {}
+    _sample(var, [0, 1], [3, 4], schedule=AdaptiveSchedule(1e-3, 30), stats=stats, trace=trace)
+    assert all(1 <= n < 30 for n in stats['iters'])
+    for si, n in enumerate(stats['iters']):
+        assert len(trace[si]) == n and trace[si][-1]['residual'] < 1e-3
+        assert all(step['residual'] >= 1e-3 for step in trace[si][:-1])
+
+
+def test_anderson_converges_faster_than_plain_iteration():
+    torch.manual_seed(0)
+    A = torch.randn(3, 16, 16) * 0.3  # spectral radius near 1: plain iteration crawls or diverges
+    b = torch.randn(3, 16)
+    f = lambda z, it: torch.tanh(torch.einsum('bij,bj->bi', A, z) + b)  # noqa: E731
+    runs = {}
+    for solver in (FixedPointIteration(), AndersonAcceleration()):
+        trace = []
+        solver.solve(f, torch.zeros(3, 16) + 0.1, 40, tol=1e-4, trace=trace)
+        runs[solver.name] = trace
+    assert runs['anderson'][-1]['residual'] < 1e-4 and len(runs['anderson']) < 40
+    assert len(runs['picard']) == 40 and runs['picard'][-1]['residual'] > 1e-4
+    assert isinstance(make_solver('anderson'), AndersonAcceleration)
+
+
+def test_anderson_inside_the_sampler(viar):
+    stats = {}
+    img = _sample(viar, [0], [5], schedule=ConstantSchedule(4), solver=AndersonAcceleration(), stats=stats)
+    assert torch.isfinite(img).all() and stats['iters'] == [4] * 4
+
+
+def test_allocate_budget():
+    curves = [[1.0, 0.2, 0.1, 0.05], [1.0, 0.9, 0.8, 0.7], [0.5, 0.1, 0.01, 0.001]]
+    sched = allocate_budget(curves, costs=[1, 1, 1], budget=6)
+    # From (1, 1, 1) the next drops are 0.1 / 0.1 / 0.09: scale 0, then scale 1 twice (0.1 each) beat 0.09.
+    assert sched.iters == (2, 3, 1)
+    costly = allocate_budget(curves, costs=[1, 10, 1], budget=6, min_iters=0)
+    assert sum(c * n for c, n in zip([1, 10, 1], costly.iters)) <= 6 and costly.iters[1] == 0
+    assert allocate_budget(curves, [1, 1, 1], budget=100).iters == (3, 3, 3)  # capped by the measured curves
+    with pytest.raises(ScheduleError, match='below the cost'):
+        allocate_budget(curves, [1, 1, 1], budget=2)
+
+
+def test_resolve_budget_schedules(viar):
+    iters = resolve_schedule(viar, parse_schedule('budget:9,4'))
+    assert isinstance(iters, ListSchedule) and sum(iters.iters) <= 9 and max(iters.iters) <= 4
+    gflops = sum(implicit_iteration_flops(viar, si) for si in range(4)) / 1e9 * 2
+    flops = resolve_schedule(viar, BudgetSchedule(gflops, unit='gflops', cap=4))
+    spent = sum(n * implicit_iteration_flops(viar, si) / 1e9 for si, n in enumerate(flops.iters))
+    assert spent <= gflops * (1 + 1e-9)
+    with pytest.raises(ScheduleError, match='resolved'):
+        BudgetSchedule(5).caps(4)
+
+
+def test_editing_keeps_source_tokens_and_generates_the_region(viar):
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 8, 8) * 2 - 1
+    gt = viar.vae.img_to_idxBl(img)
+    keep = torch.ones(2, 4, 4)
+    keep[:, 1:4, 1:4] = 0  # in-paint a 3x3 box of the finest grid
+    spec = make_edit_spec(gt, keep, viar.patch_nums)
+    out, idx = autoregressive_infer_cfg(viar, 2, torch.tensor([1, 3]), image_seeds=[1, 2], top_k=0, cfg=1.5,
+                                        edit=spec, return_idx=True)
+    generated = 0
+    for si, (mask, g, s) in enumerate(zip(spec.keep_masks, gt, idx)):
+        m = mask.reshape(2, -1)
+        assert torch.equal(s[m], g[m]), f'scale {si}: kept tokens changed'
+        generated += (s[~m] != g[~m]).sum().item()
+    assert spec.keep_masks[0].all()  # the 1x1 scale is always the source's
+    assert not spec.keep_masks[-1].all() and spec.keep_masks[-1].any()
+    assert generated > 0
+    assert out.shape == (2, 3, 8, 8)
+
+
+def test_sampling_argument_errors(viar):
+    for kw, msg in ((dict(top_p=1.5), 'top_p'), (dict(top_k=-1), 'top_k'), (dict(cfg=-1.0), 'cfg')):
+        with pytest.raises(ValueError, match=msg):
+            autoregressive_infer_cfg(viar, 1, 0, **kw)
+    with pytest.raises(ValueError, match='class ids'):
+        autoregressive_infer_cfg(viar, 1, torch.tensor([99]))
+    with pytest.raises(ValueError, match='image seeds'):
+        autoregressive_infer_cfg(viar, 2, 0, image_seeds=[1])
