@@ -62,7 +62,7 @@ class SamplerRNG:
 
 def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p."""
-    if top_k > 0:
+    if 0 < top_k < logits_BlV.shape[-1]:  # top_k >= V keeps every token
         kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
     if top_p > 0:
@@ -91,7 +91,7 @@ def gumbel_softmax_with_rng(logits: torch.Tensor, tau: float, rng: SamplerRNG, d
 
 @dataclass
 class EditSpec:
-    """Zero-shot editing: where `keep_masks[si]` (B, pn, pn) is True, scale si takes the source tokens."""
+    """Zero-shot editing: where `keep_masks[si]` (B or 1, pn, pn) is True, scale si takes the source tokens."""
     gt_idx_Bl: List[torch.Tensor]
     keep_masks: List[torch.Tensor]
 
@@ -217,8 +217,9 @@ def autoregressive_infer_cfg(
             tau = max(SMOOTH_TAU0 * (1 - ratio * SMOOTH_TAU_DECAY), SMOOTH_TAU_MIN)
             h_BlC = gumbel_softmax_with_rng(logits_BlV.mul(1 + ratio), tau, rng) @ quant.embedding.weight.unsqueeze(0)
         if edit is not None:
-            keep_Bl = edit.keep_masks[si].reshape(B, -1).to(device)
-            gt_Bl = edit.gt_idx_Bl[si].to(device)
+            # A source of batch 1 is shared by the whole batch (several seeds of one edit).
+            keep_Bl = edit.keep_masks[si].reshape(-1, pn * pn).to(device).expand(B, -1)
+            gt_Bl = edit.gt_idx_Bl[si].to(device).expand(B, -1)
             idx_Bl = torch.where(keep_Bl, gt_Bl, idx_Bl)
             h_BlC = torch.where(keep_Bl.unsqueeze(-1), quant.embedding(gt_Bl).to(h_BlC.dtype), h_BlC)
         idx_pyramid.append(idx_Bl)

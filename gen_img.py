@@ -1,0 +1,205 @@
+"""Class-conditional images and grids, zero-shot in-/out-painting and box editing, and convergence traces.
+
+    python gen_img.py --classes 970 --seeds 10-19 --save_grid                       # the official defaults
+    python gen_img.py --edit_image photo.jpg --box 0.25,0.25,0.75,0.75 --edit_mode inpaint
+    python gen_img.py --edit_image photo.jpg --box 0.2,0.3,0.6,0.9 --edit_mode inpaint --edit_class 207
+    python gen_img.py --classes 1,2 --seeds 0-3 --trace                             # residual/cosine per scale
+
+One image per (class, seed); an image's randomness depends only on its seed (for one image this reproduces the
+official gen_img.py with the same seed). Outputs go to --out_dir (gen_images/ by default).
+"""
+import json
+import logging
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.utils import make_grid
+
+from models.fixed_point import make_solver
+from models.sampler import autoregressive_infer_cfg, make_edit_spec
+from utils.cli import ArgumentParser, UserError, main_entry
+from utils.images import save_png_atomic, to_uint8_hwc
+from utils.log import setup_logging
+from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
+                               load_from_args, resolve_device, schedule_from_args)
+
+log = logging.getLogger('viar')
+GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
+EDIT_MODES = ('inpaint', 'outpaint')
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
+    add_model_args(p)
+    add_sampling_args(p)
+    g = p.add_argument_group('what to generate')
+    g.add_argument('--classes', default='970', help="class ids, e.g. '970' or '1,207,360'")
+    g.add_argument('--seeds', default='10-19', help="seeds per class, e.g. '10-19' or '0,5'")
+    g.add_argument('--batch_size', type=int, default=16, help='images per forward pass')
+    g.add_argument('--out_dir', default='gen_images')
+    g.add_argument('--save_grid', action='store_true', help='also write grid.png (one row per class)')
+    g.add_argument('--nrow', type=int, default=0, help='grid columns (default: seeds per class)')
+    g.add_argument('--trace', action='store_true',
+                   help='write trace.json and trace.png: fixed-point residual and cosine per scale and iteration')
+    e = p.add_argument_group('zero-shot editing')
+    e.add_argument('--edit_image', default=None, help='source image: switches to editing')
+    e.add_argument('--box', default=None, help='edit box x0,y0,x1,y1 as fractions of width/height')
+    e.add_argument('--mask', default=None, help='mask image instead of --box: white = region to regenerate')
+    e.add_argument('--edit_mode', default='inpaint', choices=EDIT_MODES,
+                   help='inpaint: regenerate the region; outpaint: keep the region, regenerate the rest')
+    e.add_argument('--edit_class', type=int, default=-1,
+                   help='class for the generated part (-1: unconditional in-painting; CFG is then inert)')
+    return p
+
+
+def parse_ids(spec: str, what: str) -> List[int]:
+    try:
+        if '-' in spec and ',' not in spec and not spec.startswith('-'):
+            lo, hi = (int(x) for x in spec.split('-'))
+            ids = list(range(lo, hi + 1))
+        else:
+            ids = [int(x) for x in spec.split(',') if x.strip()]
+    except ValueError:
+        raise UserError(f"cannot parse --{what} {spec!r}; use e.g. '3', '0-9' or '1,5'") from None
+    if not ids:
+        raise UserError(f'--{what} {spec!r} is empty')
+    return ids
+
+
+def load_source_image(path: str, size: int) -> torch.Tensor:
+    """Image file -> (1, 3, size, size) in [-1, 1]: shorter side resized (Lanczos), centre crop."""
+    if not Path(path).is_file():
+        raise UserError(f'edit image not found: {path}')
+    try:
+        with Image.open(path) as im:
+            im = im.convert('RGB')
+    except OSError as e:
+        raise UserError(f'cannot read edit image {path}: {e}') from None
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.LANCZOS)
+    left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0) * 2 - 1
+
+
+def region_mask(args, grid: int) -> torch.Tensor:
+    """(grid, grid) float mask on the finest token grid: 1 inside the region named by --box or --mask."""
+    if (args.box is None) == (args.mask is None):
+        raise UserError('editing needs exactly one of --box and --mask')
+    if args.box is not None:
+        try:
+            x0, y0, x1, y1 = (float(v) for v in args.box.split(','))
+        except ValueError:
+            raise UserError(f'--box must be x0,y0,x1,y1 fractions, got {args.box!r}') from None
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise UserError(f'--box {args.box} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1')
+        m = torch.zeros(grid, grid)
+        m[round(y0 * grid):round(y1 * grid), round(x0 * grid):round(x1 * grid)] = 1
+        return m
+    if not Path(args.mask).is_file():
+        raise UserError(f'mask image not found: {args.mask}')
+    with Image.open(args.mask) as im:
+        arr = np.asarray(im.convert('L'), dtype=np.float32) / 255.0
+    return F.interpolate(torch.from_numpy(arr)[None, None], size=(grid, grid), mode='area')[0, 0].gt(0.5).float()
+
+
+def save_trace(trace: Dict[int, List[dict]], patch_nums, out_dir: Path):
+    """trace.json and a two-panel plot (relative residual, cosine similarity vs iteration, one line per scale)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    data = {f'scale_{si}_{pn}x{pn}': trace.get(si, []) for si, pn in enumerate(patch_nums)}
+    (out_dir / 'trace.json').write_text(json.dumps(data, indent=1))
+    fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
+    for si, pn in enumerate(patch_nums):
+        steps = trace.get(si, [])
+        if steps:
+            its = [s['it'] + 1 for s in steps]
+            ax_r.semilogy(its, [max(s['residual'], 1e-12) for s in steps], marker='.', label=f'{pn}x{pn}')
+            ax_c.plot(its, [s['cosine'] for s in steps], marker='.', label=f'{pn}x{pn}')
+    ax_r.set(xlabel='iteration', ylabel='||z_{t+1} - z_t|| / ||z_t||', title='relative residual')
+    ax_c.set(xlabel='iteration', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity')
+    ax_r.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out_dir / 'trace.png', dpi=120)
+    plt.close(fig)
+
+
+def generate(args, var, schedule, solver, amp_dtype, device, labels: List[int], seeds: List[int],
+             edit=None, trace: Optional[dict] = None) -> torch.Tensor:
+    """All requested images, in batches; returns (N, 3, H, W) in [0, 1] on the CPU."""
+    out = []
+    for start in range(0, len(labels), args.batch_size):
+        lab = torch.tensor(labels[start:start + args.batch_size], device=device)
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            img = autoregressive_infer_cfg(var, len(lab), lab, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                           more_smooth=args.more_smooth, schedule=schedule,
+                                           image_seeds=seeds[start:start + args.batch_size],
+                                           kv_policy=args.kv_policy, solver=solver, edit=edit,
+                                           trace=trace if start == 0 else None)
+        out.append(img.float().cpu())
+    return torch.cat(out)
+
+
+def main(args):
+    setup_logging(0)
+    if args.batch_size <= 0:
+        raise UserError(f'--batch_size must be positive, got {args.batch_size}')
+    check_knobs(args)
+    device = resolve_device(args.device)
+    amp_dtype = autocast_dtype(args.dtype, device)
+    vae, var = load_from_args(args, device)
+    schedule = schedule_from_args(args, var)
+    solver = make_solver(args.solver)
+    seeds = parse_ids(args.seeds, 'seeds')
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    trace = {} if args.trace else None
+
+    edit = None
+    if args.edit_image is not None:
+        size = vae.config.image_size
+        src = load_source_image(args.edit_image, size).to(device)
+        region = region_mask(args, var.patch_nums[-1])
+        keep = 1 - region if args.edit_mode == 'inpaint' else region
+        with torch.inference_mode():
+            gt = vae.img_to_idxBl(src)
+        edit = make_edit_spec(gt, keep.unsqueeze(0).to(device), var.patch_nums)
+        if not 0 <= args.edit_class < var.num_classes and args.edit_class != -1:
+            raise UserError(f'--edit_class must be -1 or in 0..{var.num_classes - 1}, got {args.edit_class}')
+        classes = [args.edit_class if args.edit_class >= 0 else var.num_classes]
+        save_png_atomic(to_uint8_hwc(src.add(1).mul(0.5))[0], out_dir / 'source.png')
+        shown = src.add(1).mul(0.5) * F.interpolate(keep[None, None].to(device), size=(size, size), mode='nearest')
+        save_png_atomic(to_uint8_hwc(shown)[0], out_dir / 'source_kept.png')
+    else:
+        classes = parse_ids(args.classes, 'classes')
+        bad = [c for c in classes if not 0 <= c < var.num_classes]
+        if bad:
+            raise UserError(f'class ids {bad[:5]} are out of range: the model has classes 0..{var.num_classes - 1}')
+
+    labels = [c for c in classes for _ in seeds]
+    all_seeds = [s for _ in classes for s in seeds]
+    log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
+             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}')
+    images = generate(args, var, schedule, solver, amp_dtype, device, labels, all_seeds, edit=edit, trace=trace)
+    prefix = 'edit' if edit is not None else 'class'
+    for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):
+        save_png_atomic(arr, out_dir / f'{prefix}{c}_seed{s}.png')
+    if args.save_grid:
+        grid = make_grid(images, nrow=args.nrow or len(seeds), padding=GRID_PAD, pad_value=GRID_PAD_VALUE)
+        save_png_atomic(to_uint8_hwc(grid.unsqueeze(0))[0], out_dir / 'grid.png')
+    if trace is not None:
+        if not var.use_implicit:
+            log.info('--trace: an explicit VAR has no fixed-point iterations to trace')
+        else:
+            save_trace(trace, var.patch_nums, out_dir)
+    log.info(f'wrote {len(labels)} images to {out_dir}/')
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())

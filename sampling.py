@@ -1,0 +1,177 @@
+"""Generate N images per class (default 50 x 1000 classes) as PNGs plus an ADM-format .npz, for FID evaluation.
+
+    torchrun --nproc_per_node=8 sampling.py --ckpt ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5
+
+Sharded over torchrun processes and resumable: re-running the same command skips finished images. Image i (class
+classes[i // N]) is drawn with its own seed derived from --seed and i, in fixed batches of --batch_size, so the
+result does not depend on the number of processes or on interruptions. Beside the PNG folder it writes
+`<run>.npz` (`arr_0`, uint8 NHWC) and `<run>.json` (every knob).
+"""
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import List
+
+import torch
+from tqdm import tqdm
+
+from models.fixed_point import make_solver
+from models.sampler import autoregressive_infer_cfg, image_seed
+from utils import dist
+from utils.cli import ArgumentParser, UserError, main_entry
+from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
+from utils.log import setup_logging
+from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
+                               load_from_args, schedule_from_args)
+
+log = logging.getLogger('viar')
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
+    add_model_args(p)
+    add_sampling_args(p)
+    g = p.add_argument_group('output')
+    g.add_argument('--per_class', type=int, default=50, help='images per class')
+    g.add_argument('--classes', default='all', help="'all', a range '0-99' or a list '1,5,9'")
+    g.add_argument('--batch_size', type=int, default=25, help='images per forward pass (per process)')
+    g.add_argument('--seed', type=int, default=1, help='global seed; image i uses a seed derived from it and i')
+    g.add_argument('--sample_dir', default='samples', help='parent folder of the run folder, .npz and .json')
+    g.add_argument('--name', default=None, help='run name (default: from checkpoint, cfg, schedule and seed)')
+    g.add_argument('--no_npz', action='store_true', help='only write PNGs')
+    return p
+
+
+def parse_classes(spec: str, num_classes: int) -> List[int]:
+    """'all' | 'A-B' (inclusive) | 'a,b,c' -> sorted list of distinct class ids, validated."""
+    try:
+        if spec == 'all':
+            classes = list(range(num_classes))
+        elif '-' in spec and ',' not in spec:
+            lo, hi = (int(x) for x in spec.split('-'))
+            classes = list(range(lo, hi + 1))
+        else:
+            classes = [int(x) for x in spec.split(',') if x.strip()]
+    except ValueError:
+        raise UserError(f"cannot parse --classes {spec!r}; use 'all', '0-99' or '1,5,9'") from None
+    if not classes:
+        raise UserError(f'--classes {spec!r} selects no class')
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f'class ids {bad[:5]} are out of range: the model has classes 0..{num_classes - 1}')
+    if len(set(classes)) != len(classes):
+        raise UserError(f'--classes {spec!r} repeats a class')
+    return classes
+
+
+def run_name(args, schedule) -> str:
+    stem = Path(args.ckpt).name
+    sched = str(schedule).replace(':', '').replace(',', '-')
+    extra = '' if args.kv_policy == 'per_iteration' and args.solver == 'picard' else f'-{args.kv_policy}-{args.solver}'
+    return f'{stem}-cfg{args.cfg:g}-{sched}{extra}-seed{args.seed}'
+
+
+def knobs_of(args, var, schedule, classes, amp_dtype: torch.dtype) -> dict:
+    """Everything that determines the images (compared on resume, saved beside the .npz)."""
+    return {
+        'ckpt': os.path.abspath(args.ckpt), 'vae_ckpt': os.path.abspath(args.vae_ckpt),
+        'model': var.config.to_dict(), 'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p,
+        'more_smooth': args.more_smooth, 'schedule': str(schedule),
+        'iters_per_scale': schedule.caps(len(var.patch_nums)) if var.use_implicit else None,
+        'kv_policy': args.kv_policy, 'solver': args.solver, 'seed': args.seed, 'per_class': args.per_class,
+        'classes': classes, 'batch_size': args.batch_size, 'dtype': str(amp_dtype).replace('torch.', ''),
+        'image_size': var.vae.config.image_size,
+    }
+
+
+def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
+    """Create the run folder, or check that an existing one was made with the same knobs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        diff = sorted(k for k in knobs if old.get('knobs', {}).get(k) != knobs[k])
+        if diff:
+            raise UserError(f'{out_dir} holds samples made with other settings ({", ".join(diff)}); '
+                            f'pass another --name or remove the folder')
+    else:
+        write_json_atomic(meta_path, {'knobs': knobs})
+
+
+def write_json_atomic(path: Path, obj: dict):
+    tmp = path.with_name(f'.{path.name}.tmp')
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def main(args):
+    info = dist.init_distributed(device=args.device)
+    setup_logging(info.rank)
+    if args.per_class <= 0 or args.batch_size <= 0:
+        raise UserError(f'--per_class and --batch_size must be positive, got {args.per_class} and {args.batch_size}')
+    check_knobs(args)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
+    torch.backends.cudnn.allow_tf32 = True
+    device = info.device
+    amp_dtype = autocast_dtype(args.dtype, device)
+    vae, var = load_from_args(args, device)
+    classes = parse_classes(args.classes, var.num_classes)
+    schedule = schedule_from_args(args, var, calibration_seed=args.seed)
+    solver = make_solver(args.solver)
+
+    name = args.name or run_name(args, schedule)
+    root = Path(args.sample_dir)
+    out_dir, meta_path, npz_path = root / name, root / f'{name}.json', root / f'{name}.npz'
+    knobs = knobs_of(args, var, schedule, classes, amp_dtype)
+    if info.is_main:
+        claim_run_dir(out_dir, meta_path, knobs)
+        for stale in out_dir.glob('.*.tmp'):  # half-written PNGs of a killed run
+            stale.unlink()
+    dist.barrier()
+
+    total = args.per_class * len(classes)
+    num_batches = math.ceil(total / args.batch_size)
+    # Fixed batches over the global index space: batch b is [b*bs, (b+1)*bs), done by rank b % world. A batch is
+    # skipped only when all its images exist, so a resumed run computes exactly the same batches.
+    mine = [b for b in range(info.rank, num_batches, info.world_size)
+            if not all((out_dir / f'{i:06d}.png').exists()
+                       for i in range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))]
+    log.info(f'{name}: {total} images ({args.per_class} x {len(classes)} classes), {num_batches} batches, '
+             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}')
+    t0 = time.time()
+    done = 0
+    for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):
+        idx = list(range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))
+        labels = torch.tensor([classes[i // args.per_class] for i in idx], device=device)
+        with torch.inference_mode(), autocast(device, amp_dtype):
+            img = autoregressive_infer_cfg(var, len(idx), labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                                           more_smooth=args.more_smooth, schedule=schedule,
+                                           image_seeds=[image_seed(args.seed, i) for i in idx],
+                                           kv_policy=args.kv_policy, solver=solver)
+        for i, arr in zip(idx, to_uint8_hwc(img)):
+            save_png_atomic(arr, out_dir / f'{i:06d}.png')
+        done += len(idx)
+    elapsed = time.time() - t0
+    if done:
+        log.info(f'rank {info.rank}: {done} images in {elapsed:.1f}s ({done / elapsed:.2f} images/s)')
+    dist.barrier()
+    if info.is_main and not args.no_npz:
+        pack_npz(out_dir, npz_path, total, var.vae.config.image_size)
+        write_json_atomic(meta_path, {'knobs': knobs, 'npz': str(npz_path), 'num_images': total})
+        log.info(f'wrote {npz_path} ({total} images) and {meta_path}')
+    dist.destroy()
+
+
+def pack_npz(out_dir: Path, npz_path: Path, total: int, image_size: int):
+    """Read 000000.png ... in order into `arr_0` (uint8, NHWC), streaming, atomically."""
+    missing = [i for i in range(total) if not (out_dir / f'{i:06d}.png').exists()]
+    if missing:
+        raise UserError(f'{len(missing)} images missing in {out_dir} (first: {missing[0]:06d}.png); re-run to finish')
+    rows = (load_png_rgb(out_dir / f'{i:06d}.png') for i in tqdm(range(total), desc='packing npz', unit='img'))
+    write_npz_stream(npz_path, rows, total, (image_size, image_size, 3))
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())

@@ -1,0 +1,103 @@
+"""Command-line pieces shared by sampling.py, gen_img.py and the benchmarks: model loading and sampling knobs."""
+import argparse
+import contextlib
+from typing import Tuple
+
+import torch
+
+from models import VAR, VAR_PRESETS, VQVAE
+from models.fixed_point import SOLVERS, make_solver
+from models.kv_cache import KV_POLICIES
+from models.sampler import resolve_schedule
+from models.schedules import IterSchedule, LinearSchedule, parse_schedule
+from utils.cli import UserError
+from utils.loading import load_models
+
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
+def add_model_args(parser: argparse.ArgumentParser):
+    g = parser.add_argument_group('model')
+    g.add_argument('--ckpt', '--ckpt_path', dest='ckpt', default='ckpts/viar.pth',
+                   help='VAR/VIAR checkpoint: ours (config inside), an official training checkpoint, or a released '
+                        'state dict (.pth/.safetensors)')
+    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='tokenizer checkpoint')
+    g.add_argument('--preset', choices=sorted(VAR_PRESETS), default=None,
+                   help='architecture of a bare released state dict (default: read off its keys and shapes)')
+    g.add_argument('--use_implicit', action=argparse.BooleanOptionalAction, default=None,
+                   help='assert the checkpoint is VIAR (or, with --no-use_implicit, VAR); default: whatever it is')
+    g.add_argument('--depth', type=int, default=None, help='assert the checkpoint has this (nominal) depth')
+    g.add_argument('--pre_depth', type=int, default=None, help='assert the VIAR checkpoint has this many pre-blocks')
+    g.add_argument('--post_depth', type=int, default=None, help='assert this many post-blocks')
+    g.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
+    g.add_argument('--dtype', default='auto', choices=['auto', *DTYPES],
+                   help='autocast dtype of the transformer (auto: fp16 on CUDA as the official sampler, fp32 on CPU)')
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: float = 0.96):
+    g = parser.add_argument_group('sampling')
+    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance, ramped linearly over scales')
+    g.add_argument('--top_k', type=int, default=top_k, help='keep the k most likely tokens (0: all)')
+    g.add_argument('--top_p', type=float, default=top_p, help='nucleus mass in [0, 1] (0: off)')
+    g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax token mixing (not for FID)')
+    g.add_argument('--schedule', default=None,
+                   help='implicit iterations per scale: const:N, linear:LEFT,RIGHT, list:N1,..., adaptive:TOL,CAP, '
+                        'budget:ITERS[,CAP] or flops:GFLOPS[,CAP] (default: linear:ITER_LEFT,ITER_RIGHT)')
+    g.add_argument('--iter_left', type=int, default=10, help='official linear schedule: iterations at scale 1')
+    g.add_argument('--iter_right', type=int, default=10, help='official linear schedule: at the last scale')
+    g.add_argument('--kv_policy', default='per_iteration', choices=KV_POLICIES,
+                   help='implicit-block KV cache: per_iteration (official) or lean (one cache, any schedule)')
+    g.add_argument('--solver', default='picard', choices=sorted(SOLVERS), help='fixed-point solver')
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise UserError('--device cuda was asked for but no CUDA GPU is visible')
+    return torch.device(name)
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == 'auto':
+        return torch.float16 if device.type == 'cuda' else torch.float32
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast context for sampling (none for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def load_from_args(args, device: torch.device) -> Tuple[VQVAE, VAR]:
+    """Load tokenizer and transformer, checking the optional architecture assertions."""
+    vae, var = load_models(args.ckpt, args.vae_ckpt, preset=args.preset, device=device,
+                           expect_implicit=args.use_implicit)
+    cfg = var.config
+    for flag in ('depth', 'pre_depth', 'post_depth'):
+        want = getattr(args, flag)
+        if want is not None and want != getattr(cfg, flag) and (flag == 'depth' or cfg.use_implicit):
+            raise UserError(f'{args.ckpt} has {flag}={getattr(cfg, flag)}, but --{flag} {want} was given')
+    return vae, var
+
+
+def schedule_from_args(args, var: VAR, calibration_seed: int = 0) -> IterSchedule:
+    """The per-scale schedule asked for, validated against the model (budgets are resolved by calibration)."""
+    schedule = parse_schedule(args.schedule) if args.schedule else LinearSchedule(args.iter_left, args.iter_right)
+    solver = make_solver(args.solver)
+    schedule = resolve_schedule(var, schedule, seed=calibration_seed, cfg=args.cfg, kv_policy=args.kv_policy,
+                                solver=solver)
+    schedule.caps(len(var.patch_nums))  # raises ScheduleError for a wrong length
+    return schedule
+
+
+def check_knobs(args):
+    """One-line errors for sampling knobs out of range (a top-k beyond the vocabulary keeps every token)."""
+    if not 0.0 <= args.top_p <= 1.0:
+        raise UserError(f'--top_p must lie in [0, 1], got {args.top_p}')
+    if args.top_k < 0:
+        raise UserError(f'--top_k must be >= 0, got {args.top_k}')
+    if args.cfg < 0:
+        raise UserError(f'--cfg must be >= 0, got {args.cfg}')
