@@ -114,6 +114,20 @@ def make_edit_spec(gt_idx_Bl: List[torch.Tensor], keep_mask_BHW: torch.Tensor,
     return EditSpec(gt_idx_Bl=list(gt_idx_Bl), keep_masks=masks)
 
 
+@torch.no_grad()
+def zero_shot_edit(var, img_B3HW: torch.Tensor, keep_mask_BHW: torch.Tensor, label_B, **sampling_kwargs):
+    """Zero-shot in-/out-painting and class-conditional editing of images in [-1, 1].
+
+    Where `keep_mask_BHW` (on the finest token grid, 1 = keep) is set, every scale takes the image's tokens; the rest
+    is generated for `label_B` (a negative int = the null class: plain in-painting). `B` (default: the number of
+    images) may exceed 1 for a single source image to draw several edits of it. Other keyword arguments go to
+    `autoregressive_infer_cfg`, whose return value this is.
+    """
+    edit = make_edit_spec(var.vae.img_to_idxBl(img_B3HW), keep_mask_BHW, var.patch_nums)
+    B = sampling_kwargs.pop('B', img_B3HW.shape[0])
+    return autoregressive_infer_cfg(var, B, label_B, edit=edit, **sampling_kwargs)
+
+
 def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: TrunkCaches, num_iters: int,
                   solver=None, tol: Optional[float] = None, trace: Optional[List[dict]] = None):
     """Run the trunk on one scale's tokens with KV caching (no mask: a scale sees itself and all coarser ones).

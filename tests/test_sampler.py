@@ -4,7 +4,7 @@ import torch
 
 from models.fixed_point import AndersonAcceleration, FixedPointIteration, make_solver
 from models.sampler import (autoregressive_infer_cfg, image_seed, implicit_iteration_flops, make_edit_spec,
-                            resolve_schedule)
+                            resolve_schedule, zero_shot_edit)
 from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
                               allocate_budget, parse_schedule)
 from tests.conftest import make_vae, make_var
@@ -144,6 +144,9 @@ def test_editing_keeps_source_tokens_and_generates_the_region(viar):
     assert not spec.keep_masks[-1].all() and spec.keep_masks[-1].any()
     assert generated > 0
     assert out.shape == (2, 3, 8, 8)
+    # The one-call API gives the same result.
+    again = zero_shot_edit(viar, img, keep, torch.tensor([1, 3]), image_seeds=[1, 2], top_k=0, cfg=1.5)
+    assert torch.allclose(again, out, atol=1e-6)
 
 
 def test_sampling_argument_errors(viar):

@@ -1,0 +1,108 @@
+"""Fashion-MNIST (70k images, 10 classes, MIT licence) converted into the ImageFolder layout the trainer reads.
+
+    python -m utils.fashion_mnist --out data/fashion_mnist [--size 32]
+
+The original idx files come from Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist), or
+from --raw_dir / $FASHION_MNIST_DIR holding train-images-idx3-ubyte.gz etc. Images are 28x28 grey, written as RGB
+PNGs zero-padded (black background) to --size; train = the 60k training set, val = the 10k test set.
+"""
+import gzip
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from utils.cli import ArgumentParser, UserError, main_entry
+
+DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
+# Index-prefixed so that ImageFolder's sorted class order equals the dataset's label ids.
+CLASS_NAMES = ('0-tshirt-top', '1-trouser', '2-pullover', '3-dress', '4-coat', '5-sandal', '6-shirt', '7-sneaker',
+               '8-bag', '9-ankle-boot')
+SPLITS = {'train': 'train', 'val': 't10k'}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+DONE_FILE = 'prepared.json'
+
+
+def find_raw_dir(raw_dir: Optional[str] = None) -> Path:
+    """The folder with the four idx .gz files, or a one-line error saying how to get them."""
+    candidates = [Path(p) for p in (raw_dir, os.environ.get('FASHION_MNIST_DIR')) if p] + [DEBIAN_DIR]
+    for d in candidates:
+        if (d / 'train-images-idx3-ubyte.gz').is_file():
+            return d
+    raise UserError('Fashion-MNIST idx files not found; install them with `apt-get install dataset-fashion-mnist`, '
+                    'or download train/t10k idx .gz files (e.g. torchvision.datasets.FashionMNIST(download=True) '
+                    'when online) and pass --raw_dir, or point the trainer at any ImageFolder')
+
+
+def read_idx(images_gz: Path, labels_gz: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """(N, 28, 28) uint8 images and (N,) uint8 labels from a pair of gzip'd idx files."""
+    with gzip.open(images_gz, 'rb') as f:
+        magic, n, rows, cols = struct.unpack('>IIII', f.read(16))
+        if magic != IMAGES_MAGIC:
+            raise UserError(f'{images_gz}: not an idx image file (magic {magic})')
+        images = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8).reshape(n, rows, cols)
+    with gzip.open(labels_gz, 'rb') as f:
+        magic, m = struct.unpack('>II', f.read(8))
+        if magic != LABELS_MAGIC or m != n:
+            raise UserError(f'{labels_gz}: not the label file of {images_gz}')
+        labels = np.frombuffer(f.read(m), dtype=np.uint8)
+    return images, labels
+
+
+def to_rgb_padded(img_hw: np.ndarray, size: int) -> np.ndarray:
+    """Grey (h, w) -> RGB (size, size, 3), centred on black."""
+    h, w = img_hw.shape
+    if size < max(h, w):
+        return np.asarray(Image.fromarray(img_hw).resize((size, size), Image.LANCZOS).convert('RGB'))
+    out = np.zeros((size, size), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top:top + h, left:left + w] = img_hw
+    return np.repeat(out[:, :, None], 3, axis=2)
+
+
+def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_class: Optional[int] = None) -> Path:
+    """Write out_root/{train,val}/<class>/<index>.png once; later calls return at once. Returns out_root."""
+    out_root = Path(out_root)
+    done = out_root / DONE_FILE
+    want = {'size': size, 'per_class': per_class}
+    if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in want} == want:
+        return out_root
+    raw = find_raw_dir(raw_dir)
+    counts = {}
+    for split, prefix in SPLITS.items():
+        images, labels = read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
+        for name in CLASS_NAMES:
+            (out_root / split / name).mkdir(parents=True, exist_ok=True)
+        taken = np.zeros(len(CLASS_NAMES), dtype=int)
+        for i in tqdm(range(len(images)), desc=f'fashion-mnist {split}', unit='img', mininterval=1.0):
+            c = int(labels[i])
+            if per_class is not None and taken[c] >= per_class:
+                continue
+            Image.fromarray(to_rgb_padded(images[i], size)).save(out_root / split / CLASS_NAMES[c] / f'{i:05d}.png')
+            taken[c] += 1
+        counts[split] = int(taken.sum())
+    done.write_text(json.dumps({**want, 'counts': counts, 'source': str(raw)}, indent=1))
+    return out_root
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default='data/fashion_mnist', help='ImageFolder root to write')
+    p.add_argument('--size', type=int, default=32, help='side of the written RGB images')
+    p.add_argument('--raw_dir', default=None, help='folder with the idx .gz files (default: the Debian package)')
+    p.add_argument('--per_class', type=int, default=None, help='keep at most this many images per class and split')
+    return p
+
+
+def main(args):
+    root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class)
+    print(f'Fashion-MNIST ImageFolder ready at {root}: {json.loads((root / DONE_FILE).read_text())["counts"]}')
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())
