@@ -11,7 +11,7 @@ Implicit-block policies:
   ends). Memory is that of one ordinary layer whatever the schedule, and every scale sees the most refined state of
   the earlier ones under any schedule.
 """
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,7 +114,8 @@ class LeanKVCache:
 class TrunkCaches:
     """All KV caches of one sampling call."""
 
-    def __init__(self, var, caps: List[int], adaptive: bool, policy: str = 'per_iteration'):
+    def __init__(self, var, caps: List[int], adaptive: bool, policy: str = 'per_iteration',
+                 layers_per_scale: Optional[List[Sequence[int]]] = None):
         if policy not in KV_POLICIES:
             raise ValueError(f'unknown KV-cache policy {policy!r}; choose from {KV_POLICIES}')
         L = var.L
@@ -123,7 +124,11 @@ class TrunkCaches:
         self.post: List[KVCache] = []
         self.implicit = None
         if not var.use_implicit:
-            self.blocks = [KVCache(L) for _ in var.blocks]
+            # With a VARiant subnet a layer holds only the tokens of the scales that run it.
+            sizes = [pn * pn for pn in var.patch_nums]
+            per_layer = [sum(n for n, layers in zip(sizes, layers_per_scale) if j in layers) if layers_per_scale
+                         else L for j in range(len(var.blocks))]
+            self.blocks = [KVCache(n) for n in per_layer]
             return
         self.pre = [KVCache(L) for _ in var.pre_blocks]
         self.post = [KVCache(L) for _ in var.post_blocks]

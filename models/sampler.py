@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from .kv_cache import TrunkCaches
 from .schedules import BudgetSchedule, ConstantSchedule, IterSchedule, ListSchedule, allocate_budget
+from .subnet import SubnetSpec
 
 # more_smooth (Gumbel-softmax token mixing, MaskGIT-style) temperature: max(0.27 * (1 - 0.95 r), 0.005).
 SMOOTH_TAU0, SMOOTH_TAU_DECAY, SMOOTH_TAU_MIN = 0.27, 0.95, 0.005
@@ -129,14 +130,17 @@ def zero_shot_edit(var, img_B3HW: torch.Tensor, keep_mask_BHW: torch.Tensor, lab
 
 
 def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: TrunkCaches, num_iters: int,
-                  solver=None, tol: Optional[float] = None, trace: Optional[List[dict]] = None):
+                  solver=None, tol: Optional[float] = None, trace: Optional[List[dict]] = None,
+                  layers: Optional[Sequence[int]] = None):
     """Run the trunk on one scale's tokens with KV caching (no mask: a scale sees itself and all coarser ones).
 
-    Returns (hidden states, number of implicit iterations run).
+    `layers` restricts an explicit VAR to those blocks (VARiant subnet). Returns (hidden states, implicit
+    iterations run).
     """
     if not var.use_implicit:
-        for block, cache in zip(var.blocks, caches.blocks):
-            x_BlC = block(x_BlC, cond_gss, None, cache)
+        for j, (block, cache) in enumerate(zip(var.blocks, caches.blocks)):
+            if layers is None or j in layers:
+                x_BlC = block(x_BlC, cond_gss, None, cache)
         return x_BlC, 0
     for block, cache in zip(var.pre_blocks, caches.pre):
         x_BlC = block(x_BlC, cond_gss, None, cache)
@@ -174,7 +178,7 @@ def autoregressive_infer_cfg(
     top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, schedule: Optional[IterSchedule] = None,
     image_seeds: Optional[Sequence[int]] = None, kv_policy: str = 'per_iteration', solver=None,
     edit: Optional[EditSpec] = None, trace: Optional[Dict[int, List[dict]]] = None, return_idx: bool = False,
-    stats: Optional[dict] = None,
+    stats: Optional[dict] = None, subnet: Optional[SubnetSpec] = None,
 ):
     """Generate B images in [0, 1] (B, 3, H, W) with classifier-free guidance ramped linearly over the scales.
 
@@ -184,7 +188,8 @@ def autoregressive_infer_cfg(
     `implicit_eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit block is cached and solved.
     `edit` forces source tokens where its masks say so. `trace`, when a dict, receives per scale the fixed-point
     residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
-    `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'kv_bytes' and 'kv_caches'.
+    `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'layers' (blocks run per scale),
+    'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales to a VARiant subnet.
     """
     vae = var.vae
     device = var.lvl_1L.device
@@ -201,7 +206,11 @@ def autoregressive_infer_cfg(
 
     schedule = schedule or ConstantSchedule(var.config.implicit_eval_iters)
     caps = schedule.caps(K) if var.use_implicit else [0] * K
-    caches = TrunkCaches(var, caps, adaptive=schedule.tol is not None, policy=kv_policy)
+    if subnet is not None and var.use_implicit:
+        raise ValueError('VARiant depth switching (subnet) applies to explicit VAR models, not VIAR')
+    layers_per_scale = subnet.layers_per_scale(var.depth, K) if subnet is not None else None
+    caches = TrunkCaches(var, caps, adaptive=schedule.tol is not None, policy=kv_policy,
+                         layers_per_scale=layers_per_scale)
 
     sos = cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes)), dim=0))
     lvl_pos = var.lvl_embed(var.lvl_1L) + var.pos_1LC
@@ -218,7 +227,8 @@ def autoregressive_infer_cfg(
         cur_L += pn * pn
         scale_trace = None if trace is None else trace.setdefault(si, [])
         x_BlC, n_run = forward_scale(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
-                                     tol=schedule.tol, trace=scale_trace)
+                                     tol=schedule.tol, trace=scale_trace,
+                                     layers=None if layers_per_scale is None else layers_per_scale[si])
         iters_run.append(n_run)
         logits_BlV = var.get_logits(x_BlC, cond_BD)
         t = cfg * ratio
@@ -246,7 +256,9 @@ def autoregressive_infer_cfg(
             next_token_map = next_token_map.repeat(2, 1, 1)  # conditional and unconditional halves for CFG
     img_B3HW = vae.fhat_to_img(f_hat).add_(1).mul_(0.5)
     if stats is not None:
-        stats.update(iters=iters_run, kv_bytes=caches.nbytes, kv_caches=caches)
+        layers_run = [len(ls) for ls in layers_per_scale] if layers_per_scale else \
+            [len(var.trunk_blocks)] * K if not var.use_implicit else None
+        stats.update(iters=iters_run, layers=layers_run, kv_bytes=caches.nbytes, kv_caches=caches)
     return (img_B3HW, idx_pyramid) if return_idx else img_B3HW
 
 

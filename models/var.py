@@ -13,6 +13,7 @@ from .config_base import ConfigBase
 from .fixed_point import FixedPointIteration, FixedPointMap, sjfb
 from .sampler import autoregressive_infer_cfg
 from .schedules import IterSchedule, LinearSchedule
+from .subnet import SubnetSpec
 from .vqvae import DEFAULT_PATCH_NUMS
 
 HEAD_DIM = 64                 # width = 64 * depth, heads = depth
@@ -275,11 +276,12 @@ class VAR(nn.Module):
 
     # ---- teacher-forced forward ----------------------------------------------------------------------------------
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
-                implicit_iters: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+                implicit_iters: Optional[Tuple[int, int]] = None, subnet: Optional[SubnetSpec] = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once under the block-causal mask.
 
         For VIAR, `implicit_iters=(no_grad, with_grad)` fixes the S-JFB counts; by default they are drawn by
-        `draw_implicit_iters` and recorded in `last_implicit_iters`.
+        `draw_implicit_iters` and recorded in `last_implicit_iters`. For VAR, `subnet` runs the scales after its
+        bridge through its layers only (VARiant); the bridge scales still run every layer.
         """
         B = x_BLCv_wo_first_l.shape[0]
         device_type = x_BLCv_wo_first_l.device.type
@@ -301,6 +303,8 @@ class VAR(nn.Module):
         x_BLC, cond_gss = x_BLC.to(main_type), cond_gss.to(main_type)
         attn_bias = self.attn_bias_for_masking.to(main_type)
 
+        if self.use_implicit and subnet is not None:
+            raise ValueError('VARiant depth switching (subnet) applies to explicit VAR models, not VIAR')
         if self.use_implicit:
             for block in self.pre_blocks:
                 x_BLC = block(x_BLC, cond_gss, attn_bias)
@@ -309,10 +313,30 @@ class VAR(nn.Module):
             x_BLC = sjfb(self.implicit_map(x_BLC, cond_gss, attn_bias), x_BLC, n_ng, n_g, self.solver)
             for block in self.post_blocks:
                 x_BLC = block(x_BLC, cond_gss, attn_bias)
-        else:
+        elif subnet is None:
             for block in self.blocks:
                 x_BLC = block(x_BLC, cond_gss, attn_bias)
+        else:
+            x_BLC = self._subnet_trunk(x_BLC, cond_gss, attn_bias, subnet)
         return self.get_logits(x_BLC, cond_BD)
+
+    def _subnet_trunk(self, x_BLC: torch.Tensor, cond_gss: torch.Tensor, attn_bias: torch.Tensor,
+                      subnet: SubnetSpec) -> torch.Tensor:
+        """Layers outside the subnet act on the bridge tokens only. Exact, because bridge tokens never attend to
+        later scales; later scales then see the bridge through the subnet's layers, as in cached sampling."""
+        active = set(subnet.layers(self.depth))
+        L_bridge = self.bridge_tokens(subnet.bridge)
+        for j, block in enumerate(self.blocks):
+            if j in active:
+                x_BLC = block(x_BLC, cond_gss, attn_bias)
+            elif L_bridge > 0:
+                head = block(x_BLC[:, :L_bridge], cond_gss, attn_bias[..., :L_bridge, :L_bridge])
+                x_BLC = torch.cat((head, x_BLC[:, L_bridge:]), dim=1)
+        return x_BLC
+
+    def bridge_tokens(self, bridge: int) -> int:
+        """Number of tokens in the first `bridge` scales."""
+        return self.begin_ends[min(bridge, len(self.patch_nums)) - 1][1] if bridge > 0 else 0
 
     # ---- sampling ------------------------------------------------------------------------------------------------
     def autoregressive_infer_cfg(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
