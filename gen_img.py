@@ -25,7 +25,7 @@ from utils.cli import ArgumentParser, UserError, main_entry
 from utils.images import save_png_atomic, to_uint8_hwc
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, resolve_device, schedule_from_args)
+                               load_from_args, resolve_device, schedule_from_args, subnet_from_args)
 
 log = logging.getLogger('viar')
 GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
@@ -130,7 +130,7 @@ def save_trace(trace: Dict[int, List[dict]], patch_nums, out_dir: Path):
     plt.close(fig)
 
 
-def generate(args, var, schedule, solver, amp_dtype, device, labels: List[int], seeds: List[int],
+def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: List[int], seeds: List[int],
              edit=None, trace: Optional[dict] = None) -> torch.Tensor:
     """All requested images, in batches; returns (N, 3, H, W) in [0, 1] on the CPU."""
     out = []
@@ -140,7 +140,7 @@ def generate(args, var, schedule, solver, amp_dtype, device, labels: List[int], 
             img = autoregressive_infer_cfg(var, len(lab), lab, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=seeds[start:start + args.batch_size],
-                                           kv_policy=args.kv_policy, solver=solver, edit=edit,
+                                           kv_policy=args.kv_policy, solver=solver, edit=edit, subnet=subnet,
                                            trace=trace if start == 0 else None)
         out.append(img.float().cpu())
     return torch.cat(out)
@@ -156,6 +156,7 @@ def main(args):
     vae, var = load_from_args(args, device)
     schedule = schedule_from_args(args, var)
     solver = make_solver(args.solver)
+    subnet = subnet_from_args(args, var)
     seeds = parse_ids(args.seeds, 'seeds')
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,8 @@ def main(args):
     all_seeds = [s for _ in classes for s in seeds]
     log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
              f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}')
-    images = generate(args, var, schedule, solver, amp_dtype, device, labels, all_seeds, edit=edit, trace=trace)
+    images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
+                      trace=trace)
     prefix = 'edit' if edit is not None else 'class'
     for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):
         save_png_atomic(arr, out_dir / f'{prefix}{c}_seed{s}.png')

@@ -25,7 +25,7 @@ from utils.cli import ArgumentParser, UserError, main_entry
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, schedule_from_args)
+                               load_from_args, schedule_from_args, subnet_from_args)
 
 log = logging.getLogger('viar')
 
@@ -67,14 +67,18 @@ def parse_classes(spec: str, num_classes: int) -> List[int]:
     return classes
 
 
-def run_name(args, schedule) -> str:
+def run_name(args, var, schedule, subnet) -> str:
     stem = Path(args.ckpt).name
-    sched = str(schedule).replace(':', '').replace(',', '-')
-    extra = '' if args.kv_policy == 'per_iteration' and args.solver == 'picard' else f'-{args.kv_policy}-{args.solver}'
-    return f'{stem}-cfg{args.cfg:g}-{sched}{extra}-seed{args.seed}'
+    if var.use_implicit:
+        compute = str(schedule).replace(':', '').replace(',', '-')
+        if args.kv_policy != 'per_iteration' or args.solver != 'picard':
+            compute += f'-{args.kv_policy}-{args.solver}'
+    else:
+        compute = 'full' if subnet is None else f'd{subnet.depth}N{subnet.bridge}-{subnet.selection}'
+    return f'{stem}-cfg{args.cfg:g}-{compute}-seed{args.seed}'
 
 
-def knobs_of(args, var, schedule, classes, amp_dtype: torch.dtype) -> dict:
+def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> dict:
     """Everything that determines the images (compared on resume, saved beside the .npz)."""
     return {
         'ckpt': os.path.abspath(args.ckpt), 'vae_ckpt': os.path.abspath(args.vae_ckpt),
@@ -82,6 +86,9 @@ def knobs_of(args, var, schedule, classes, amp_dtype: torch.dtype) -> dict:
         'more_smooth': args.more_smooth, 'schedule': str(schedule),
         'iters_per_scale': schedule.caps(len(var.patch_nums)) if var.use_implicit else None,
         'kv_policy': args.kv_policy, 'solver': args.solver, 'seed': args.seed, 'per_class': args.per_class,
+        'subnet': None if subnet is None else {'depth': subnet.depth, 'bridge': subnet.bridge,
+                                               'selection': subnet.selection,
+                                               'layers': list(subnet.layers(var.depth))},
         'classes': classes, 'batch_size': args.batch_size, 'dtype': str(amp_dtype).replace('torch.', ''),
         'image_size': var.vae.config.image_size,
     }
@@ -120,11 +127,12 @@ def main(args):
     classes = parse_classes(args.classes, var.num_classes)
     schedule = schedule_from_args(args, var, calibration_seed=args.seed)
     solver = make_solver(args.solver)
+    subnet = subnet_from_args(args, var)
 
-    name = args.name or run_name(args, schedule)
+    name = args.name or run_name(args, var, schedule, subnet)
     root = Path(args.sample_dir)
     out_dir, meta_path, npz_path = root / name, root / f'{name}.json', root / f'{name}.npz'
-    knobs = knobs_of(args, var, schedule, classes, amp_dtype)
+    knobs = knobs_of(args, var, schedule, subnet, classes, amp_dtype)
     if info.is_main:
         claim_run_dir(out_dir, meta_path, knobs)
         for stale in out_dir.glob('.*.tmp'):  # half-written PNGs of a killed run
@@ -149,7 +157,7 @@ def main(args):
             img = autoregressive_infer_cfg(var, len(idx), labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=[image_seed(args.seed, i) for i in idx],
-                                           kv_policy=args.kv_policy, solver=solver)
+                                           kv_policy=args.kv_policy, solver=solver, subnet=subnet)
         for i, arr in zip(idx, to_uint8_hwc(img)):
             save_png_atomic(arr, out_dir / f'{i:06d}.png')
         done += len(idx)

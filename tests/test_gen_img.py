@@ -66,3 +66,22 @@ def test_errors(ckpt_args, tmp_path, capsys, extra, message):
     rc = run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--out_dir', str(tmp_path)] + extra)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count('\n') == 1, err
+
+
+def test_subnet_flags(ckpt_args, tmp_path, capsys):
+    var = make_var(depth=4)
+    vae = make_vae(patch_nums=var.patch_nums)
+    save_atomic(model_checkpoint(KIND_VAR, var, vae_config=vae.config.to_dict()), tmp_path / 'var.pth')
+    base = ['--ckpt', str(tmp_path / 'var.pth'), '--vae_ckpt', ckpt_args[3], '--classes', '1', '--seeds', '0',
+            '--top_k', '10']
+    out = {}
+    for d in ('4', '2'):
+        assert run(gen_img.main, gen_img.get_parser(), base + ['--subnet_depth', d, '--bridge', '2', '--out_dir',
+                                                               str(tmp_path / d)]) == 0
+        out[d] = np.asarray(Image.open(tmp_path / d / 'class1_seed0.png'))
+    assert out['4'].shape == out['2'].shape == (8, 8, 3)
+    assert run(gen_img.main, gen_img.get_parser(), base + ['--subnet_depth', '9', '--out_dir', str(tmp_path)]) == 2
+    assert 'subnet_depth must lie in [2, 4]' in capsys.readouterr().err
+    assert run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--subnet_depth', '2', '--out_dir',
+                                                               str(tmp_path)]) == 2
+    assert 'for VIAR use --schedule' in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """Command-line pieces shared by sampling.py, gen_img.py and the benchmarks: model loading and sampling knobs."""
 import argparse
 import contextlib
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -9,6 +9,7 @@ from models import VAR, VAR_PRESETS, VQVAE
 from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
 from models.sampler import resolve_schedule
+from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from utils.cli import UserError
 from utils.loading import load_models
@@ -48,6 +49,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: 
     g.add_argument('--kv_policy', default='per_iteration', choices=KV_POLICIES,
                    help='implicit-block KV cache: per_iteration (official) or lean (one cache, any schedule)')
     g.add_argument('--solver', default='picard', choices=sorted(SOLVERS), help='fixed-point solver')
+    g.add_argument('--subnet_depth', type=int, default=None,
+                   help='VARiant (explicit VAR only): run scales after the bridge with this many shared layers')
+    g.add_argument('--bridge', type=int, default=6, help='VARiant: scales that always run the full depth')
+    g.add_argument('--subnet_selection', default='equidistant', choices=SELECTIONS,
+                   help="VARiant layer choice: the paper's equidistant rule, or nested across d, 2d, 4d, ...")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -91,6 +97,20 @@ def schedule_from_args(args, var: VAR, calibration_seed: int = 0) -> IterSchedul
                                 solver=solver)
     schedule.caps(len(var.patch_nums))  # raises ScheduleError for a wrong length
     return schedule
+
+
+def subnet_from_args(args, var: VAR) -> Optional[SubnetSpec]:
+    """The VARiant subnet asked for, validated against the model (None = full depth everywhere)."""
+    if args.subnet_depth is None:
+        return None
+    if var.use_implicit:
+        raise UserError('--subnet_depth applies to explicit VAR models; for VIAR use --schedule')
+    if not 2 <= args.subnet_depth <= var.depth:
+        raise UserError(f'--subnet_depth must lie in [2, {var.depth}], got {args.subnet_depth}')
+    if args.bridge < 0:
+        raise UserError(f'--bridge must be >= 0 scales, got {args.bridge}')
+    equidistant_subnet(var.depth, args.subnet_depth)
+    return SubnetSpec(args.subnet_depth, args.bridge, args.subnet_selection)
 
 
 def check_knobs(args):
