@@ -20,6 +20,7 @@ import torch
 from models import VAR_PRESETS, VQVAE_PRESETS, VARConfig, VQVAEConfig, build_var, build_vqvae, num_params
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
+from models.subnet import SubnetSpec
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -31,12 +32,16 @@ SMALL_SHAPES = {
     'var-d8': dict(depth=8),
     'viar-d8 (2+1+2)': dict(depth=8, use_implicit=True, pre_depth=2, post_depth=2),
 }
+# VARiant (d, N) pairs: subnet depth d after a bridge of N full-depth scales (the paper's N = 6).
+SUBNETS = [(16, 6), (8, 6), (4, 6), (2, 6)]
 SUITES = {
-    'small': [(name, kw, sched, pol) for name, kw in SMALL_SHAPES.items()
+    'small': [(name, kw, sched, pol, None) for name, kw in SMALL_SHAPES.items()
               for sched, pol in ([(None, None)] if not kw.get('use_implicit') else
-                                 [(s, p) for s in PAPER_SCHEDULES for p in ('per_iteration', 'lean')])],
-    'paper': [(name, None, None, None) for name in ('var-d16', 'var-d20', 'var-d24', 'var-d30')] +
-             [('viar-d30', None, s, p) for s in PAPER_SCHEDULES for p in ('per_iteration', 'lean')],
+                                 [(s, p) for s in PAPER_SCHEDULES for p in ('per_iteration', 'lean')])] +
+             [('var-d8', SMALL_SHAPES['var-d8'], None, None, (d, N)) for d, N in ((4, 6), (2, 6))],
+    'paper': [(name, None, None, None, None) for name in ('var-d16', 'var-d20', 'var-d24', 'var-d30')] +
+             [('var-d30', None, None, None, dn) for dn in SUBNETS] +
+             [('viar-d30', None, s, p, None) for s in PAPER_SCHEDULES for p in ('per_iteration', 'lean')],
 }
 
 
@@ -53,11 +58,12 @@ def build_case(name: str, shape_kw, device: torch.device):
     return vae, var.attach_vae(vae)
 
 
-def run_case(name: str, shape_kw, schedule: str, policy: str, batch: int, repeats: int, device: torch.device,
-             dtype: torch.dtype) -> dict:
+def run_case(name: str, shape_kw, schedule: str, policy: str, subnet, batch: int, repeats: int,
+             device: torch.device, dtype: torch.dtype) -> dict:
     """Time `repeats` batches after one warm-up batch; returns the measurements."""
     vae, var = build_case(name, shape_kw, device)
     sched = parse_schedule(schedule) if schedule else None
+    spec = SubnetSpec(*subnet) if subnet else None
     labels = torch.arange(batch, device=device) % var.num_classes
     stats = {}
 
@@ -65,7 +71,7 @@ def run_case(name: str, shape_kw, schedule: str, policy: str, batch: int, repeat
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             autoregressive_infer_cfg(var, batch, labels, cfg=1.5, top_k=900, top_p=0.96, schedule=sched,
                                      image_seeds=[image_seed(r, i) for i in range(batch)],
-                                     kv_policy=policy or 'per_iteration', stats=stats)
+                                     kv_policy=policy or 'per_iteration', subnet=spec, stats=stats)
         if device.type == 'cuda':
             torch.cuda.synchronize()
 
@@ -79,6 +85,7 @@ def run_case(name: str, shape_kw, schedule: str, policy: str, batch: int, repeat
     peak = torch.cuda.max_memory_allocated() if device.type == 'cuda' else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {'model': name, 'params': num_params(var), 'schedule': schedule or '-', 'kv_policy': policy or '-',
+            'subnet': f'd{subnet[0]} N{subnet[1]}' if subnet else '-', 'layers_per_scale': stats['layers'],
             'iters_per_scale': stats['iters'] if var.use_implicit else None, 'batch': batch,
             'images_per_s': batch * repeats / seconds, 'latency_s': seconds / repeats,
             'kv_cache_bytes': stats['kv_bytes'], 'peak_memory_bytes': peak,
@@ -96,11 +103,12 @@ def to_markdown(rows, meta) -> str:
              f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
              f"dtype {meta['dtype']}, batch {meta['batch']}, {meta['repeats']} timed batches after one warm-up, "
              f"cfg 1.5, top-k 900, top-p 0.96, random weights.", '',
-             '| model | params | schedule | KV policy | iterations per scale | images/s | latency (s) | '
-             'KV cache (MiB) | peak memory (MiB) |', '|---|---|---|---|---|---|---|---|---|']
+             '| model | params | VARiant subnet | schedule | KV policy | iterations per scale | images/s | '
+             'latency (s) | KV cache (MiB) | peak memory (MiB) |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in rows:
         iters = ','.join(map(str, r['iters_per_scale'])) if r['iters_per_scale'] else '-'
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['schedule']} | {r['kv_policy']} | {iters} | "
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['subnet']} | {r['schedule']} | {r['kv_policy']} | "
+                     f"{iters} | "
                      f"{r['images_per_s']:.3f} | {r['latency_s']:.3f} | {r['kv_cache_bytes'] / 2**20:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**20:.0f} |")
     lines += ['', f"Peak memory is the {rows[0]['peak_memory_kind']}." if rows else '']
@@ -122,8 +130,8 @@ def main():
     dtype = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16,
              'auto': torch.float16 if device.type == 'cuda' else torch.float32}[args.dtype]
     if args.case is not None:
-        name, shape_kw, sched, pol = json.loads(args.case)
-        print(json.dumps(run_case(name, shape_kw, sched, pol, args.batch, args.repeats, device, dtype)))
+        name, shape_kw, sched, pol, subnet = json.loads(args.case)
+        print(json.dumps(run_case(name, shape_kw, sched, pol, subnet, args.batch, args.repeats, device, dtype)))
         return
     rows = []
     for case in SUITES[args.suite]:
@@ -132,7 +140,8 @@ def main():
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{r['model']:>18} {r['schedule']:>13} {r['kv_policy']:>13}: {r['images_per_s']:.3f} img/s, "
+        print(f"{r['model']:>18} {r['subnet']:>7} {r['schedule']:>13} {r['kv_policy']:>13}: "
+              f"{r['images_per_s']:.3f} img/s, "
               f"KV {r['kv_cache_bytes'] / 2**20:.1f} MiB, peak {r['peak_memory_bytes'] / 2**20:.0f} MiB", flush=True)
     meta = {'suite': args.suite, 'machine': machine(), 'dtype': str(dtype).replace('torch.', ''),
             'batch': args.batch, 'repeats': args.repeats,
