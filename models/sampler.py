@@ -166,8 +166,8 @@ def check_sampling_args(var, label_B, cfg: float, top_k: int, top_p: float):
         raise ValueError(f'top_k must be >= 0, got {top_k}')
     if cfg < 0:
         raise ValueError(f'cfg must be >= 0, got {cfg}')
-    if isinstance(label_B, torch.Tensor) and label_B.numel() and (label_B.min() < 0 or
-                                                                  label_B.max() > var.num_classes):
+    if isinstance(label_B, torch.Tensor) and label_B.numel() and not label_B.is_meta and (
+            label_B.min() < 0 or label_B.max() > var.num_classes):
         raise ValueError(f'class ids must lie in [0, {var.num_classes - 1}] ({var.num_classes} = unconditional), '
                          f'got {label_B.min().item()}..{label_B.max().item()}')
 

@@ -1,0 +1,68 @@
+"""Measuring helpers shared by the benchmarks: FLOP counts, KV-cache byte formulas, bytes saved for backward."""
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.sampler import autoregressive_infer_cfg
+from models.schedules import IterSchedule
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (a multiply-add counts 2) of everything `fn` runs, by torch.utils.flop_counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def sampling_flops(var, schedule: Optional[IterSchedule] = None, batch: int = 1, subnet=None,
+                   kv_policy: str = 'per_iteration') -> Dict[str, float]:
+    """FLOPs to generate `batch` images (both CFG halves), split into transformer and tokenizer decoding.
+
+    Works on meta-device models, so full-size models are counted without memory or time.
+    """
+    device = var.lvl_1L.device
+    labels = torch.zeros(batch, dtype=torch.long, device=device)
+    total = count_flops(lambda: autoregressive_infer_cfg(var, batch, labels, cfg=1.5, top_k=900, top_p=0.96,
+                                                         schedule=schedule, subnet=subnet, kv_policy=kv_policy))
+    pn = var.patch_nums[-1]
+    f_hat = torch.zeros(batch, var.Cvae, pn, pn, device=device)
+    decode = count_flops(lambda: var.vae.fhat_to_img(f_hat))
+    return {'total': total, 'decode': decode, 'transformer': total - decode}
+
+
+def kv_cache_bytes(var, caps: Sequence[int], policy: str = 'per_iteration', batch: int = 1,
+                   dtype: torch.dtype = torch.float32, layers_per_scale: Optional[List[Sequence[int]]] = None) -> int:
+    """Closed-form bytes of the KV caches of one sampling call (keys + values, both CFG halves).
+
+    A cache stores 2 (K and V) x 2B sequences x C values per token it holds. Explicit layers hold every scale they
+    run; the implicit block holds, per iteration index t, the scales that run more than t iterations (official
+    policy) or every scale that runs at least one iteration once (lean policy).
+    """
+    per_token = 2 * 2 * batch * var.C * torch.tensor([], dtype=dtype).element_size()
+    sizes = [pn * pn for pn in var.patch_nums]
+    if not var.use_implicit:
+        layers = layers_per_scale or [range(len(var.blocks))] * len(sizes)
+        tokens = sum(n for n, active in zip(sizes, layers) for _ in active)
+        return tokens * per_token
+    explicit = (len(var.pre_blocks) + len(var.post_blocks)) * sum(sizes)
+    if policy == 'lean':
+        implicit = var.L if max(caps) > 0 else 0  # one cache of all L tokens, allocated when first used
+    else:
+        implicit = sum(sum(n for n, c in zip(sizes, caps) if c > t) for t in range(max(caps)))
+    return (explicit + implicit) * per_token
+
+
+def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward while `fn` builds its graph (each save counted once
+    per save, as the graph holds it)."""
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

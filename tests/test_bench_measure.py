@@ -1,0 +1,64 @@
+"""The benchmarks' measuring helpers against hand counts and the allocated caches."""
+import pytest
+import torch
+
+from bench.measure import count_flops, kv_cache_bytes, saved_for_backward_bytes, sampling_flops
+from models import VARConfig, build_var
+from models.sampler import autoregressive_infer_cfg
+from models.schedules import ListSchedule
+from models.subnet import SubnetSpec
+from tests.conftest import make_vae, make_var
+
+
+def test_flop_counter_against_hand_count():
+    C, V, Cv, H = 64, 32, 8, 2
+    var = build_var(VARConfig(depth=1, embed_dim=C, num_heads=H, num_classes=5, patch_nums=(1, 2, 3), vocab_size=V,
+                              Cvae=Cv), 'meta').eval()
+    B, L = 2, 1 + 4 + 9
+    label = torch.zeros(B, dtype=torch.long, device='meta')
+    x = torch.zeros(B, L - 1, Cv, device='meta')
+    flops = count_flops(lambda: var(label, x))
+    mm = lambda rows, k, n: 2 * rows * k * n  # noqa: E731  multiply-adds of a (rows x k) @ (k x n) product
+    hand = (mm(B * (L - 1), Cv, C)                                     # word_embed
+            + mm(B, C, 6 * C)                                          # block AdaLN
+            + mm(B * L, C, 3 * C) + 2 * mm(B * H * L, C // H, L)       # qkv, scores and mixing
+            + mm(B * L, C, C) + mm(B * L, C, 4 * C) + mm(B * L, 4 * C, C)  # proj, fc1, fc2
+            + mm(B, C, 2 * C) + mm(B * L, C, V))                       # head AdaLN, head
+    assert flops == hand
+
+
+def test_sampling_flops_on_meta_scale_with_iterations():
+    var = build_var(VARConfig(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 4), vocab_size=32, Cvae=8,
+                              num_classes=5, use_implicit=True, pre_depth=1, post_depth=1), 'meta').eval()
+    var.attach_vae(make_vae(patch_nums=(1, 2, 4)).to('meta'))
+    few, many = (sampling_flops(var, ListSchedule(n)) for n in ((1, 1, 1), (2, 2, 2)))
+    assert few['decode'] == many['decode'] > 0
+    assert many['transformer'] > few['transformer'] > 0
+
+
+@pytest.mark.parametrize('policy,caps', [('per_iteration', (3, 3, 3, 3)), ('per_iteration', (2, 0, 1, 4)),
+                                         ('lean', (2, 0, 1, 4)), ('lean', (0, 0, 0, 0))])
+def test_kv_formula_matches_allocated_viar(policy, caps):
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    var.attach_vae(make_vae(patch_nums=var.patch_nums).freeze())
+    stats = {}
+    autoregressive_infer_cfg(var, 3, 1, schedule=ListSchedule(caps), kv_policy=policy, stats=stats, g_seed=0)
+    assert stats['kv_bytes'] == kv_cache_bytes(var, caps, policy, batch=3)
+
+
+@pytest.mark.parametrize('subnet', [None, SubnetSpec(2, 2), SubnetSpec(3, 1)])
+def test_kv_formula_matches_allocated_var(subnet):
+    var = make_var(depth=4).eval()
+    var.attach_vae(make_vae(patch_nums=var.patch_nums).freeze())
+    stats = {}
+    autoregressive_infer_cfg(var, 2, 1, subnet=subnet, stats=stats, g_seed=0)
+    layers = subnet.layers_per_scale(4, 4) if subnet else None
+    assert stats['kv_bytes'] == kv_cache_bytes(var, [0] * 4, batch=2, layers_per_scale=layers)
+
+
+def test_saved_bytes_hand_count():
+    a = torch.randn(10, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    assert saved_for_backward_bytes(lambda: (a * b).sum()) == 2 * 10 * 4  # mul saves both operands
+    with torch.no_grad():
+        assert saved_for_backward_bytes(lambda: (a * b).sum()) == 0
