@@ -1,7 +1,7 @@
 """The sampling benchmark's measuring code on a tiny case (the benchmark itself is run by hand)."""
 import torch
 
-from bench.sampling_speed import machine, run_case, to_markdown
+from bench.efficiency import machine, run_case, to_markdown
 
 
 def test_run_case_and_report():
