@@ -71,3 +71,28 @@ def test_failed_atomic_write_keeps_old_file(tmp_path):
         save_atomic({'bad': lambda: 0}, path)  # lambdas cannot be pickled: the write fails midway
     assert torch.equal(load_file(path)['v'], torch.ones(2))
     assert os.listdir(tmp_path) == ['ckpt.pth']
+
+
+class _CreatesFile:
+    """Unpickling this object would create a file (a stand-in for any code a stranger's checkpoint could run)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / 'pwned.txt'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'model': {'w': torch.ones(1)}, 'payload': _CreatesFile(marker)}, evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match='refused'):
+        load_file(evil)
+    assert not marker.exists()
+    # The same payload under the official layout and through load_models is refused too.
+    from utils.loading import load_models
+    with pytest.raises(CheckpointError, match='refused'):
+        load_models(evil, evil)
+    assert not marker.exists()
