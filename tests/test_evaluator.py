@@ -16,15 +16,15 @@ from evaluator import cache_path, evaluate, get_parser, load_stats, open_batch, 
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 from utils.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
-                             load_inception, load_offline_inception, load_torchscript_module, preprocess,
-                             spatial_features, state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
+                             load_inception, load_offline_inception, preprocess, spatial_features,
+                             state_dict_from_torchscript, tf1_resize_bilinear)
 from utils.metrics import (GaussianStats, class_probabilities, frechet_distance, gaussian_stats, inception_score,
                            manifold_radii, precision_recall)
 
 E2E_IMAGES = 40        # per batch; Inception runs at 3-7 images/s on 2 CPU cores
 E2E_SIZE = 32          # pixels; every image is resized to 299 anyway
 PNG_IMAGES = 4         # the --save-stats run on a PNG folder
-IS_IMAGES = 5          # per batch, for the run with (random) logits
+IS_IMAGES = 4          # per batch, for the run with (random) logits (k = 3 needs 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def e2e(tmp_path_factory, offline):
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
         mp.setattr(evaluator, 'frechet_distance', low_rank_frechet)
         code = run(evaluator.main, get_parser(), [str(ref), str(sample), '--device', 'cpu', '--batch-size',
-                                                  str(E2E_IMAGES // 2), '--no-progress'])
+                                                  str(E2E_IMAGES), '--no-progress'])
     return {'code': code, 'stdout': out.getvalue(), 'ref': ref, 'sample': sample, 'root': root}
 
 
@@ -288,7 +288,8 @@ def few_features(offline, few_images):
 
 
 def test_offline_features_equal_the_torchscript_model(offline, few_images, few_features):
-    script = load_torchscript_module(torchscript_path())
+    script = offline.network.module
+    assert isinstance(script, torch.jit.ScriptModule)          # the file's own module, run as is
     pool, spatial = few_features
     assert pool.shape == (2, POOL_DIM) and spatial.shape == (2, SPATIAL_DIM)
     assert offline.logits_weight_KD is None and offline.no_logits_reason == NO_LOGITS_REASON
@@ -327,9 +328,14 @@ def random_weights(tmp_path_factory):
     return path, sd
 
 
-def test_pytorch_fid_state_dict_loads_and_runs(random_weights, few_images, tmp_path):
-    path, sd = random_weights
-    network = load_inception(path, 'cpu')
+@pytest.fixture(scope='module')
+def random_network(random_weights):
+    return load_inception(random_weights[0], 'cpu')
+
+
+def test_pytorch_fid_state_dict_loads_and_runs(random_weights, random_network, few_images, tmp_path):
+    _, sd = random_weights
+    network = random_network
     assert network.logits_weight_KD.shape == (NUM_CLASSES, POOL_DIM)
     assert torch.equal(network.logits_weight_KD, sd['fc.weight'])
     pool, spatial = network.features(few_images[:1])
@@ -509,12 +515,11 @@ def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp
     assert len(cached.pool_ND) == PNG_IMAGES and np.array_equal(cached.fid.mu, full.fid.mu + 1.0)
 
 
-def test_inception_score_with_logits(random_weights, tmp_path, monkeypatch):
+def test_inception_score_with_logits(random_network, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluator, 'frechet_distance', low_rank_frechet)
-    path, _ = random_weights
     np.savez(tmp_path / 'ref.npz', arr_0=make_images(IS_IMAGES, seed=2, noise=0.0))
     np.savez(tmp_path / 'sample.npz', arr_0=make_images(IS_IMAGES, seed=3, noise=0.3))
-    network = load_inception(path, 'cpu')
+    network = random_network
     results = evaluate(tmp_path / 'ref.npz', tmp_path / 'sample.npz', network=network, progress=False)
     assert results['inception_score_unavailable'] is None
     sample = load_stats(cache_path(tmp_path / 'sample.npz', network.weights_id))

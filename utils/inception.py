@@ -70,13 +70,12 @@ def tf1_resize_bilinear(images_NHWC: torch.Tensor, size: int = INPUT_SIZE) -> to
     _, H, W, _ = images_NHWC.shape
     y_lo, y_hi, y_lerp = _tf1_source_coords(H, size, images_NHWC.device)
     x_lo, x_hi, x_lerp = _tf1_source_coords(W, size, images_NHWC.device)
-    x_lerp = x_lerp.view(1, 1, size, 1)
-    y_lerp = y_lerp.view(1, size, 1, 1)
-    rows_lo, rows_hi = images_NHWC[:, y_lo], images_NHWC[:, y_hi]
-    # Same operation order as TF's compute_lerp: interpolate along x on both rows, then along y.
-    top = rows_lo[:, :, x_lo] + (rows_lo[:, :, x_hi] - rows_lo[:, :, x_lo]) * x_lerp
-    bottom = rows_hi[:, :, x_lo] + (rows_hi[:, :, x_hi] - rows_hi[:, :, x_lo]) * x_lerp
-    return top + (bottom - top) * y_lerp
+    # Same operation order as TF's compute_lerp: interpolate along x within each source row, then along y.
+    # Interpolating every source row once along x gives the same floats as TF's per-output-pixel loop.
+    left, right = images_NHWC[:, :, x_lo], images_NHWC[:, :, x_hi]
+    rows_x = left + (right - left) * x_lerp.view(1, 1, size, 1)
+    top, bottom = rows_x[:, y_lo], rows_x[:, y_hi]
+    return top + (bottom - top) * y_lerp.view(1, size, 1, 1)
 
 
 def preprocess(images_NHWC: torch.Tensor) -> torch.Tensor:
