@@ -21,6 +21,10 @@ from utils.data import build_datasets, build_transform
 from utils.export import export
 from utils.loading import load_models, load_vae
 
+from tests.train_helpers import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
 TINY_MODEL = ['--depth', '2', '--embed_dim', '64', '--num_heads', '2', '--use_implicit', '--p_depth', '1',
               '--no_grad_iters', '0', '3', '--grad_iters', '1', '3']
 TINY_RUN = ['--bs', '8', '--ep', '20', '--tblr', '0.05', '--log_freq', '1', '--no-progress']

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -21,15 +22,16 @@ SUBPROCESS_TIMEOUT = 240
 
 
 def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 2,
-                      seed: int = 0) -> Path:
-    """An ImageFolder of small PNGs whose colour depends on the class, with a few odd image modes mixed in."""
+                      seed: int = 0, noise: int = 60) -> Path:
+    """An ImageFolder of small PNGs: a class colour, pixel noise up to `noise` and a bright square, with a few odd
+    image modes mixed in."""
     rng = np.random.default_rng(seed)
     for split, n in (('train', train_per_class), ('val', val_per_class)):
         for c in range(classes):
             folder = root / split / f'class{c}'
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                arr = rng.integers(0, 60, (IMAGE_SIDE, IMAGE_SIDE, 3)).astype(np.uint8)
+                arr = rng.integers(0, noise + 1, (IMAGE_SIDE, IMAGE_SIDE, 3)).astype(np.uint8)
                 arr[..., c % 3] += 150
                 y, x = rng.integers(0, IMAGE_SIDE - 6, 2)
                 arr[y:y + 6, x:x + 6] = 255 - arr[y:y + 6, x:x + 6]
@@ -93,3 +95,13 @@ def read_log(out_dir: Path) -> List[dict]:
 
 def load_weights(path: Path) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+@pytest.fixture()
+def one_thread():
+    """In-process training runs on one thread: on a shared 2-core machine OpenMP's spinning threads slow tiny
+    models down many times over."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
