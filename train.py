@@ -20,19 +20,18 @@ from utils import dist
 from utils.amp import AmpOptimizer
 from utils.checkpoint import load_state_dict_strict, unwrap
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.data import DistributedBatchSampler, build_datasets, build_token_cache, make_loader
+from utils.data import build_datasets, build_loaders, build_token_cache
 from utils.loading import KIND_VAR, load_vae, model_checkpoint
 from utils.log import MetricWriter, setup_logging
 from utils.lr_sched import Schedule, param_groups
 from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
-                               derive_plan)
+                               derive_plan, patch_nums_arg)
 from utils.training import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
                             prepare_out_dir, restore_rng_states, resume_training, seed_process)
 
 log = logging.getLogger('viar')
 
 DEFAULT_DEPTH = 16
-VAL_BATCH_FACTOR = 1.5       # validation batch = 1.5 x the per-rank training batch (official)
 
 # Flag (argparse dest) -> VARConfig field. Unset flags (None) keep the preset's / config's value.
 MODEL_FLAGS = {
@@ -54,6 +53,9 @@ def get_parser() -> ArgumentParser:
     d = add_data_flags(p)
     d.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth',
                    help='frozen tokenizer: the released .pth or a train_tokenizer.py checkpoint')
+    d.add_argument('--patch_nums', '--pn', type=patch_nums_arg,
+                   help="the tokenizer's scales, needed only for a bare state dict whose scales are not the released "
+                        "10 (official spelling 1_2_3_4_6_8; '256' = the released scales)")
     d.add_argument('--token_cache', metavar='DIR', help='tokenize the training set once into DIR and train on the '
                                                         'cached tokens (centre crops: no random-crop augmentation)')
 
@@ -113,11 +115,19 @@ def build_var_config(args, num_classes: int, vae_config: VQVAEConfig) -> VARConf
     return VARConfig.from_dict(base)
 
 
-def load_tokenizer(path: str, device: torch.device):
+def load_tokenizer(path: str, device: torch.device, patch_nums=None):
     if not Path(path).is_file():
         raise UserError(f'tokenizer checkpoint not found: {path} (--vae_ckpt; the released one is '
                         f'vae_ch160v4096z32.pth, or train one with train_tokenizer.py)')
-    return load_vae(path, device=device)
+    try:
+        vae = load_vae(path, patch_nums=patch_nums, device=device)
+    except ValueError as e:
+        if 'patch_nums' not in str(e):
+            raise
+        raise UserError(f'{path}: {e} (--pn, e.g. --pn 1_2_3_4_6_8)') from None
+    if patch_nums is not None and tuple(vae.config.patch_nums) != tuple(patch_nums):
+        raise UserError(f'--pn {patch_nums} does not match the scales {vae.config.patch_nums} stored in {path}')
+    return vae
 
 
 # ---- the trainer ----------------------------------------------------------------------------------------------------
@@ -164,7 +174,7 @@ class ARTrainer:
         stepped = self.amp.backward_step(loss_BL.mean(), stepping)
         loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()
         if not math.isfinite(loss):
-            raise UserError(f'the loss is {loss} at iteration {it}; the last checkpoint is intact: lower --tblr or '
+            raise UserError(f'the loss is {loss} at iteration {it + 1}; the last checkpoint is intact: lower --tblr or '
                             f'try --fp16 2 (bf16), then resume')
         if self.var.last_implicit_iters is not None:
             self.draws.append(self.var.last_implicit_iters)
@@ -245,7 +255,7 @@ def main(args):
     check_flags(args)
     configure_backends(args.tf32, info.device)
 
-    vae = load_tokenizer(args.vae_ckpt, info.device)
+    vae = load_tokenizer(args.vae_ckpt, info.device, args.patch_nums)
     image_size = vae.config.image_size
     train_set, val_set = build_datasets(args.data_path, image_size, args.mid_reso, args.hflip, args.skip_bad_images)
     plan = derive_plan(args, info.world_size, len(train_set), info.device.type)
@@ -293,15 +303,8 @@ def main(args):
     if args.token_cache:
         dataset = build_token_cache(args.token_cache, vae, train_set, image_size, args.mid_reso, args.hflip,
                                     info.rank, info.world_size, plan.local_batch, plan.workers, dist.barrier)
-    pin = info.device.type == 'cuda'
-    sampler = DistributedBatchSampler(len(dataset), plan.micro_batch, info.rank, info.world_size, args.seed)
-    loader = make_loader(dataset, sampler, plan.workers, pin)
-    val_loader = None
-    if val_set is not None:
-        val_batch = max(1, round(plan.local_batch * VAL_BATCH_FACTOR)) * info.world_size
-        val_sampler = DistributedBatchSampler(len(val_set), val_batch, info.rank, info.world_size, args.seed,
-                                              shuffle=False, pad=False)
-        val_loader = make_loader(val_set, val_sampler, plan.workers, pin)
+    sampler, loader, val_loader = build_loaders(dataset, val_set, plan.local_batch, info.rank, info.world_size,
+                                                args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
     tb_name = f'tb-{kind}d{config.depth}__b{args.batch_size}ep{args.epochs}lr{args.base_lr:g}wd{args.weight_decay:g}'
     writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
     # Last: everything above may draw random numbers; the loop must continue exactly where the checkpoint stopped.

@@ -24,14 +24,14 @@ from models.lpips import LPIPS, lpips_heads_state, vgg_features_state
 from models.quantizer import USAGE_MARGIN, MultiScaleQuantizer
 from utils import dist
 from utils.amp import AmpOptimizer
-from utils.checkpoint import load_file, load_state_dict_strict
+from utils.checkpoint import load_file, load_state_dict_strict, unwrap
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.data import DistributedBatchSampler, build_datasets, make_loader
+from utils.data import build_datasets, build_loaders
 from utils.loading import KIND_VQVAE, model_checkpoint
 from utils.log import MetricWriter, setup_logging
 from utils.lr_sched import Schedule, param_groups
 from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
-                               derive_plan)
+                               derive_plan, patch_nums_arg)
 from utils.training import (STREAM_INIT, CheckpointFiles, StepResult, TrainLoop, mix_seed, prepare_out_dir,
                             restore_rng_states, resume_training, seed_process)
 
@@ -40,7 +40,6 @@ log = logging.getLogger('viar')
 # Flag (argparse dest) -> VQVAEConfig field; unset flags keep the preset's value.
 ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'patch_nums', 'beta',
               'share_quant_resi', 'quant_resi')
-VAL_BATCH_FACTOR = 1.5
 PSNR_RANGE = 2.0  # images live in [-1, 1]
 
 
@@ -56,7 +55,9 @@ def get_parser() -> ArgumentParser:
     m.add_argument('--ch', type=int, help='base width of encoder and decoder')
     m.add_argument('--ch_mult', type=int, nargs='+', help='width multiplier per level (levels - 1 = log2 downsample)')
     m.add_argument('--num_res_blocks', type=int)
-    m.add_argument('--patch_nums', type=int, nargs='+', help='token-map sides, coarse to fine')
+    m.add_argument('--patch_nums', '--pn', type=patch_nums_arg,
+                   help="token-map sides, coarse to fine (1_2_3_4_6_8; '256' = the released scales); with "
+                        '--init_from, the scales of a bare state dict')
     m.add_argument('--beta', type=float, help='commitment weight (default 0.25)')
     m.add_argument('--share_quant_resi', type=int, help='number of Phi convs shared over the scales (default 4)')
     m.add_argument('--quant_resi', type=float, help='Phi residual ratio (default 0.5)')
@@ -90,14 +91,22 @@ def tokenizer_config(args) -> Tuple[VQVAEConfig, Optional[Dict[str, torch.Tensor
     """(config, initial weights or None): from --init_from, or --preset with explicit flags on top."""
     given = {k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None}
     if args.init_from:
-        if given:
-            raise UserError(f'--init_from fixes the architecture; drop {", ".join("--" + k for k in given)}')
+        fixed = [k for k in given if k != 'patch_nums']
+        if fixed:
+            raise UserError(f'--init_from fixes the architecture; drop {", ".join("--" + k for k in fixed)}')
         if not Path(args.init_from).is_file():
             raise UserError(f'--init_from {args.init_from}: file not found')
         obj = load_file(args.init_from)
         if isinstance(obj, dict) and obj.get('kind') == KIND_VQVAE:
-            return VQVAEConfig.from_dict(obj['config']), obj['model']
-        return VQVAEConfig.from_state_dict(obj), obj
+            config, weights = VQVAEConfig.from_dict(obj['config']), obj['model']
+        else:
+            try:
+                config, weights = VQVAEConfig.from_state_dict(obj, patch_nums=args.patch_nums), obj
+            except ValueError as e:
+                raise UserError(f'--init_from {args.init_from}: {e} (--pn)') from None
+        if args.patch_nums is not None and tuple(args.patch_nums) != tuple(config.patch_nums):
+            raise UserError(f'--pn {args.patch_nums} does not match the scales {config.patch_nums} of --init_from')
+        return config, weights
     base = VQVAE_PRESETS[args.preset].to_dict()
     base.update(given)
     return VQVAEConfig.from_dict(base), None
@@ -153,12 +162,10 @@ class TokenizerTrainer:
                  lpips: Optional[LPIPS], disc: Optional[torch.nn.Module], disc_amp: Optional[AmpOptimizer],
                  disc_start: int, restart_every: int, dead_threshold: float, micro_batch: int):
         self.model = model
-        self.vae: VQVAE = model.module if isinstance(model, DistributedDataParallel) else model
+        self.vae: VQVAE = unwrap(model)
         self.amp, self.schedule, self.weights, self.lpips = amp, schedule, weights, lpips
         self.disc, self.disc_amp, self.disc_start = disc, disc_amp, disc_start
-        self.disc_raw = None
-        if disc is not None:
-            self.disc_raw = disc.module if isinstance(disc, DistributedDataParallel) else disc
+        self.disc_raw = None if disc is None else unwrap(disc)
         self.restart_every, self.dead_threshold, self.micro_batch = restart_every, dead_threshold, micro_batch
         self.device = next(self.vae.parameters()).device
         self.rng_generators = {}
@@ -192,7 +199,7 @@ class TokenizerTrainer:
 
         loss_value = dist.all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(loss_value):
-            raise UserError(f'the loss is {loss_value} at iteration {it}; the last checkpoint is intact: lower --tblr '
+            raise UserError(f'the loss is {loss_value} at iteration {it + 1}; the last checkpoint is intact: lower --tblr '
                             f'or try --fp16 2 (bf16), then resume')
         res = StepResult(loss_value, lr, wd)
         if stepped is not None:
@@ -365,15 +372,8 @@ def main(args):
 
     files = CheckpointFiles(out_dir, 'vae', weights_prefix='vae')
     start_it, best, rng_states = resume_training(files, args.resume, trainer, plan.iters_per_epoch)
-    pin = info.device.type == 'cuda'
-    sampler = DistributedBatchSampler(len(train_set), plan.micro_batch, info.rank, info.world_size, args.seed)
-    loader = make_loader(train_set, sampler, plan.workers, pin)
-    val_loader = None
-    if val_set is not None:
-        val_batch = max(1, round(plan.local_batch * VAL_BATCH_FACTOR)) * info.world_size
-        val_sampler = DistributedBatchSampler(len(val_set), val_batch, info.rank, info.world_size, args.seed,
-                                              shuffle=False, pad=False)
-        val_loader = make_loader(val_set, val_sampler, plan.workers, pin)
+    sampler, loader, val_loader = build_loaders(train_set, val_set, plan.local_batch, info.rank, info.world_size,
+                                                args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
     tb_name = f'tb-VQVAE-v{config.vocab_size}z{config.z_channels}ch{config.ch}__b{args.batch_size}ep{args.epochs}'
     writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
     if start_it:  # last: everything above may draw random numbers

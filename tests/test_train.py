@@ -180,6 +180,8 @@ def test_one_line_errors(data, tmp_path, capsys):
     _fails(['--data_path', str(tmp_path / 'nope'), '--vae_ckpt', str(vae), *out], capsys, 'does not exist')
     (tmp_path / 'no_train').mkdir()
     _fails(['--data_path', str(tmp_path / 'no_train'), '--vae_ckpt', str(vae), *out], capsys, 'has no train/ folder')
+    (tmp_path / 'no_train' / 'train').mkdir()
+    _fails(['--data_path', str(tmp_path / 'no_train'), '--vae_ckpt', str(vae), *out], capsys, 'holds no class folders')
     empty = tmp_path / 'empty'
     (empty / 'train' / 'a').mkdir(parents=True)
     (empty / 'train' / 'b').mkdir()
@@ -190,6 +192,8 @@ def test_one_line_errors(data, tmp_path, capsys):
     _fails([*train_args(data, tmp_path / 'out'), '--bs', '0'], capsys, '--bs (0)')
     (tmp_path / 'file').write_text('x')
     _fails(train_args(data, tmp_path / 'file' / 'sub'), capsys, 'is not writable')
+    _fails([*train_args(data, tmp_path / 'nan'), '--workers', '0', '--tblr', '1e12', '--grad_clip', '0',
+            '--max_steps', '6'], capsys, 'the loss is nan at iteration 2')
     # Resuming with flags that describe another model.
     assert run(train.main, train.get_parser(), [*train_args(data, tmp_path / 'r'), '--workers', '0',
                                                 '--max_steps', '1']) == 0

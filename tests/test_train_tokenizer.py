@@ -3,6 +3,7 @@ terms and dead-code restarts stay identical, exact resume, the released format, 
 import pytest
 import torch
 
+import train
 import train_tokenizer
 from models.lpips import LPIPS
 from tests.train_helpers import TINY_PATCH_NUMS, load_weights, make_image_folder, read_log, run_cli
@@ -14,7 +15,7 @@ from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY_VAE = ['--vocab_size', '32', '--z_channels', '8', '--ch', '32', '--ch_mult', '1', '2', '--num_res_blocks', '1',
-            '--patch_nums', *map(str, TINY_PATCH_NUMS)]
+            '--pn', '_'.join(map(str, TINY_PATCH_NUMS))]
 TINY_RUN = ['--bs', '8', '--tblr', '0.02', '--workers', '0', '--no-progress']
 GAN = ['--gan_weight', '0.1', '--disc_start', '2', '--disc_width', '16', '--disc_layers', '2']
 
@@ -28,7 +29,7 @@ def _args(images, out, *extra):
     return ['--data_path', str(images), '--out_dir', str(out), *TINY_VAE, *TINY_RUN, *extra]
 
 
-def test_reconstruction_improves_and_codes_stay_used(images, tmp_path):
+def test_reconstruction_improves_and_codes_stay_used(images, tmp_path, capsys):
     out = tmp_path / 'out'
     args = _args(images, out, '--ep', '20', '--save_freq', '20', '--log_freq', '1', '--restart_every', '5')
     assert run(train_tokenizer.main, train_tokenizer.get_parser(), args) == 0
@@ -43,6 +44,15 @@ def test_reconstruction_improves_and_codes_stay_used(images, tmp_path):
     bare = load_vae(out / 'vae-best.pth', patch_nums=TINY_PATCH_NUMS)
     assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), bare.state_dict().values()))
     assert set(torch.load(out / 'vae-best.pth', weights_only=True)) == set(vae.state_dict())
+    # A bare state dict does not store its scales: train.py and --init_from take them as --pn.
+    ar = ['--data_path', str(images), '--out_dir', str(tmp_path / 'ar'), '--depth', '1', '--embed_dim', '64',
+          '--num_heads', '1', '--bs', '8', '--workers', '0', '--max_steps', '1', '--vae_ckpt', str(out / 'vae-best.pth')]
+    assert run(train.main, train.get_parser(), ar) == 2
+    assert '--pn' in capsys.readouterr().err
+    assert run(train.main, train.get_parser(), [*ar, '--pn', '1_2_3_8']) == 0
+    again = ['--data_path', str(images), '--out_dir', str(tmp_path / 'again'), '--init_from', str(out / 'vae-best.pth'),
+             '--pn', '1_2_3_8', *TINY_RUN, '--max_steps', '1']
+    assert run(train_tokenizer.main, train_tokenizer.get_parser(), again) == 0
 
 
 def test_two_ranks_with_gan_lpips_and_restarts(images, tmp_path):

@@ -235,6 +235,22 @@ def make_loader(dataset: Dataset, batch_sampler, workers: int, pin_memory: bool)
                       persistent_workers=workers > 0, generator=torch.Generator())
 
 
+VAL_BATCH_FACTOR = 1.5  # validation batch = 1.5 x the per-rank training batch (official)
+
+
+def build_loaders(train: Dataset, val: Optional[Dataset], local_batch: int, rank: int, world: int, seed: int,
+                  workers: int, pin_memory: bool):
+    """(training sampler, training loader, validation loader or None) for this rank."""
+    sampler = DistributedBatchSampler(len(train), local_batch * world, rank, world, seed)
+    loader = make_loader(train, sampler, workers, pin_memory)
+    val_loader = None
+    if val is not None:
+        val_batch = max(1, round(local_batch * VAL_BATCH_FACTOR)) * world
+        val_sampler = DistributedBatchSampler(len(val), val_batch, rank, world, seed, shuffle=False, pad=False)
+        val_loader = make_loader(val, val_sampler, workers, pin_memory)
+    return sampler, loader, val_loader
+
+
 # ---- token cache ----------------------------------------------------------------------------------------------------
 class TokenDataset(Dataset):
     """Cached token pyramids (L,) int64 with their labels; the sample seed picks the view (mirror or not)."""

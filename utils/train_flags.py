@@ -31,6 +31,18 @@ def add_data_flags(p: argparse.ArgumentParser):
     return d
 
 
+RELEASED_PATCH_NUMS = '1_2_3_4_5_6_8_10_13_16'
+
+
+def patch_nums_arg(value: str) -> tuple:
+    """argparse type for the official --pn spelling: '1_2_3_4_6_8' (or '256' for the released scales)."""
+    value = RELEASED_PATCH_NUMS if value == '256' else value
+    try:
+        return tuple(int(v) for v in value.replace(',', '_').split('_'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected scale sides like 1_2_3_4_6_8, got {value!r}') from None
+
+
 def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, base_lr: float, weight_decay: float,
                     betas, schedule: str, lr_end: float, grad_clip: float):
     """Optimisation flags; the defaults differ between the AR and the tokenizer recipes."""

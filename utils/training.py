@@ -1,5 +1,6 @@
 """Plumbing shared by the training CLIs: seeds and RNG states, the output folder, checkpoint files and resuming, a
 check that every rank holds the same weights, and the epoch/step loop with logging, validation and saving."""
+import contextlib
 import hashlib
 import logging
 import math
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils import dist
 from utils.checkpoint import link_atomic, load_file, save_atomic
@@ -234,6 +236,11 @@ class TrainLoop:
         self.best = math.inf
 
     def run(self, start_it: int, best: float):
+        # With a progress bar, log lines are printed through tqdm so that they do not tear the bar.
+        with logging_redirect_tqdm([logging.getLogger()]) if self.progress else contextlib.nullcontext():
+            self._run(start_it, best)
+
+    def _run(self, start_it: int, best: float):
         args, plan = self.args, self.plan
         it, self.best = start_it, best
         epoch, epoch_it = divmod(start_it, plan.iters_per_epoch)
