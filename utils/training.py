@@ -47,7 +47,7 @@ def seed_process(seed: int, rank: int):
 # ---- RNG states (stored as tensors and tuples of ints: checkpoints are loaded with weights_only=True) -------------
 def rng_state(generators: Dict[str, random.Random]) -> Dict[str, Any]:
     """This process's RNG states: torch CPU/CUDA, `random`, numpy, and the given `random.Random`s."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {'torch': torch.get_rng_state(), 'python': random.getstate(),
              'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
                        'cached_gaussian': float(cached)}}
