@@ -1,6 +1,7 @@
 """Checkpoint I/O: safe loading (never arbitrary unpickling), strict loading with readable diffs, atomic writes."""
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -112,6 +113,36 @@ def save_atomic(obj: Any, path: PathLike):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def link_atomic(src: PathLike, dst: PathLike):
+    """Make `dst` a copy of the finished file `src` without rewriting it: a hard link (a copy where links are not
+    supported) under a temp name, renamed over `dst`. Later replacing `src` leaves `dst` untouched."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module inside DDP and/or torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def save_safetensors(sd: Mapping[str, torch.Tensor], path: PathLike, metadata: Dict[str, str] = None):

@@ -14,6 +14,7 @@ from utils.checkpoint import CheckpointError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+TRUE_WORDS, FALSE_WORDS = {'true', '1', 'yes'}, {'false', '0', 'no'}
 
 
 class UserError(Exception):
@@ -34,6 +35,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f'{self.prog}: error: {message} (see --help)\n')
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(self._official_bools(sys.argv[1:] if args is None else list(args)), namespace)
+
+    def _official_bools(self, argv):
+        """Accept the official repos' `--flag=True` / `--flag=False` for BooleanOptionalAction flags."""
+        flags = {s for a in self._actions if isinstance(a, argparse.BooleanOptionalAction)
+                 for s in a.option_strings if not s.startswith('--no-')}
+        out = []
+        for arg in argv:
+            name, eq, value = arg.partition('=')
+            if eq and name in flags and value.lower() in TRUE_WORDS | FALSE_WORDS:
+                arg = name if value.lower() in TRUE_WORDS else '--no-' + name[2:]
+            out.append(arg)
+        return out
 
 
 def one_line(e: BaseException) -> str:

@@ -1,8 +1,10 @@
-"""Rank-aware logging: rank 0 writes to stdout and a log file; other ranks only report warnings."""
+"""Rank-aware logging: rank 0 writes to stdout and a log file; other ranks only report warnings. Training metrics go
+to TensorBoard and a JSON-lines file."""
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 LOG_FORMAT = '[%(asctime)s] %(message)s'
 DATE_FORMAT = '%m-%d %H:%M:%S'
@@ -24,3 +26,39 @@ def setup_logging(rank: int = 0, log_file: Optional[Path] = None, level: int = l
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     return logging.getLogger('viar')
+
+
+class MetricWriter:
+    """Scalars to TensorBoard and to `log.txt` (one JSON object per line) on rank 0; a no-op elsewhere.
+
+    On resume (`resume_step`), entries after that step are dropped from both, so a restarted run's curves continue
+    where its checkpoint was written.
+    """
+
+    def __init__(self, out_dir: Path, tb_name: str, enabled: bool, resume_step: Optional[int] = None):
+        self.enabled = enabled
+        self.tb = None
+        self.json_path = Path(out_dir) / 'log.txt'
+        if not enabled:
+            return
+        if resume_step is not None and self.json_path.is_file():
+            kept = [line for line in self.json_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get('step', 0) <= resume_step]
+            self.json_path.write_text(''.join(line + '\n' for line in kept))
+        from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 needs TensorBoard
+        self.tb = SummaryWriter(str(Path(out_dir) / tb_name), purge_step=resume_step)
+        self.tb_dir = Path(out_dir) / tb_name
+
+    def write(self, step: int, scalars: Dict[str, float], **extra):
+        """Record `scalars` (tag -> value, tags like 'loss/L_mean') at `step`, plus non-scalar `extra` in log.txt."""
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            if value is not None:
+                self.tb.add_scalar(tag, value, step)
+        with open(self.json_path, 'a') as f:
+            f.write(json.dumps({'step': step, **extra, **scalars}) + '\n')
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()

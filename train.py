@@ -1,0 +1,324 @@
+"""Train VAR / VIAR on an ImageFolder dataset with a frozen multi-scale tokenizer, following the official recipe.
+
+One process, or many under torchrun (NCCL on CUDA, gloo on CPU); `scripts/train.sh` is the paper's 8-GPU launch.
+Checkpoints (`ar-ckpt-last.pth`, `ar-ckpt-best.pth`), `stdout.txt`, `log.txt` and TensorBoard go to --out_dir, and
+`--resume auto` (the default) continues from the last checkpoint.
+"""
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
+from utils import dist
+from utils.amp import AmpOptimizer
+from utils.checkpoint import load_state_dict_strict, unwrap
+from utils.cli import ArgumentParser, UserError, main_entry
+from utils.data import build_datasets, build_loaders, build_token_cache
+from utils.loading import KIND_VAR, load_vae, model_checkpoint
+from utils.log import MetricWriter, setup_logging
+from utils.lr_sched import Schedule, param_groups
+from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
+                               derive_plan, patch_nums_arg)
+from utils.training import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
+                            prepare_out_dir, restore_rng_states, resume_training, seed_process)
+
+log = logging.getLogger('viar')
+
+DEFAULT_DEPTH = 16
+
+# Flag (argparse dest) -> VARConfig field. Unset flags (None) keep the preset's / config's value.
+MODEL_FLAGS = {
+    'depth': 'depth', 'embed_dim': 'embed_dim', 'num_heads': 'num_heads', 'drop_path_rate': 'drop_path_rate',
+    'use_implicit': 'use_implicit', 'pre_depth': 'pre_depth', 'post_depth': 'post_depth',
+    'no_grad_iters': 'implicit_no_grad_iters', 'grad_iters': 'implicit_grad_iters', 'eval_iters': 'implicit_eval_iters',
+    'init_adaln': 'init_adaln', 'init_adaln_gamma': 'init_adaln_gamma', 'init_head': 'init_head',
+    'init_std': 'init_std', 'shared_aln': 'shared_aln', 'attn_l2_norm': 'attn_l2_norm',
+    'cond_drop_rate': 'cond_drop_rate',
+}
+DERIVED_FROM_DEPTH = ('embed_dim', 'num_heads', 'drop_path_rate')
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Train VAR / VIAR with the official recipe (torchrun for several GPUs or nodes). '
+                                   'Official flag spellings (--bs, --ep, --tblr, --fp16 1, --use_implicit=True, ...) '
+                                   'are accepted.')
+    bool_flag = argparse.BooleanOptionalAction
+    d = add_data_flags(p)
+    d.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth',
+                   help='frozen tokenizer: the released .pth or a train_tokenizer.py checkpoint')
+    d.add_argument('--patch_nums', '--pn', type=patch_nums_arg,
+                   help="the tokenizer's scales, needed only for a bare state dict whose scales are not the released "
+                        "10 (official spelling 1_2_3_4_6_8; '256' = the released scales)")
+    d.add_argument('--token_cache', metavar='DIR', help='tokenize the training set once into DIR and train on the '
+                                                        'cached tokens (centre crops: no random-crop augmentation)')
+
+    m = p.add_argument_group('model', 'flags override --preset; scales and vocabulary come from the tokenizer, the '
+                                      'number of classes from the data')
+    m.add_argument('--preset', choices=sorted(VAR_PRESETS))
+    m.add_argument('--depth', type=int, help=f'width 64 x depth, heads = depth (default {DEFAULT_DEPTH})')
+    m.add_argument('--embed_dim', type=int, help='width (default 64 x depth)')
+    m.add_argument('--num_heads', type=int, help='attention heads (default depth)')
+    m.add_argument('--drop_path_rate', type=float, help='stochastic depth (default 0.1 x depth / 24)')
+    m.add_argument('--use_implicit', action=bool_flag, help='VIAR: pre-blocks, a weight-tied implicit block, '
+                                                            'post-blocks')
+    m.add_argument('--pre_depth', type=int, help='VIAR explicit blocks before the implicit block (default 5)')
+    m.add_argument('--post_depth', type=int, help='VIAR explicit blocks after it (default 5)')
+    m.add_argument('--p_depth', type=int, help='official spelling: sets both --pre_depth and --post_depth')
+    m.add_argument('--no_grad_iters', type=int, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range of implicit iterations run under no_grad (default 0 10)')
+    m.add_argument('--grad_iters', type=int, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range of iterations backpropagated through (default 1 12)')
+    m.add_argument('--eval_iters', type=int, help='implicit iterations of the validation forward (default 10)')
+    m.add_argument('--sjfb_shared_draws', action=bool_flag, default=False,
+                   help='draw the same S-JFB counts on every rank, so no rank waits for a deeper draw '
+                        '(default: independent per-rank draws, as the official code)')
+    m.add_argument('--init_adaln_gamma', '--alng', type=float, help='AdaLN gamma init (default 1e-5; presets: '
+                                                                    'per depth)')
+    m.add_argument('--init_adaln', '--aln', type=float, help='AdaLN scale/shift init (default 0.5)')
+    m.add_argument('--init_head', '--hd', type=float, help='head init scale (default 0.02)')
+    m.add_argument('--init_std', '--ini', type=float, help='weight init std (default -1: sqrt(1 / 3C))')
+    m.add_argument('--shared_aln', '--saln', action=bool_flag, help='one AdaLN projection shared by all blocks')
+    m.add_argument('--attn_l2_norm', '--anorm', action=bool_flag, help='l2-normalised q/k attention (default on)')
+    m.add_argument('--cond_drop_rate', type=float, help='class-label dropout for guidance (default 0.1)')
+    m.add_argument('--compile', action=bool_flag, default=False, help='torch.compile every transformer block')
+
+    o = add_optim_flags(p, batch_size=768, epochs=250, base_lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                        schedule='lin0', lr_end=0.01, grad_clip=2.0)
+    o.add_argument('--label_smooth', '--ls', type=float, default=0.0)
+    add_run_flags(p, 'ar')
+    return p
+
+
+def build_var_config(args, num_classes: int, vae_config: VQVAEConfig) -> VARConfig:
+    """The transformer's config: --preset (or the defaults), then explicit flags, then what the tokenizer and data
+    fix (scales, vocabulary, latent width, classes)."""
+    if args.preset:
+        base = VAR_PRESETS[args.preset].to_dict()
+    else:
+        base = VARConfig(depth=args.depth or DEFAULT_DEPTH).to_dict()
+    flags = {field: getattr(args, dest) for dest, field in MODEL_FLAGS.items() if getattr(args, dest) is not None}
+    if args.p_depth is not None:
+        flags.setdefault('pre_depth', args.p_depth)
+        flags.setdefault('post_depth', args.p_depth)
+    if 'depth' in flags:
+        base.update({k: None for k in DERIVED_FROM_DEPTH})  # re-derive width, heads, drop path from the new depth
+    base.update(flags)
+    base.update(num_classes=num_classes, patch_nums=vae_config.patch_nums, vocab_size=vae_config.vocab_size,
+                Cvae=vae_config.z_channels)
+    return VARConfig.from_dict(base)
+
+
+def load_tokenizer(path: str, device: torch.device, patch_nums=None):
+    if not Path(path).is_file():
+        raise UserError(f'tokenizer checkpoint not found: {path} (--vae_ckpt; the released one is '
+                        f'vae_ch160v4096z32.pth, or train one with train_tokenizer.py)')
+    try:
+        vae = load_vae(path, patch_nums=patch_nums, device=device)
+    except ValueError as e:
+        if 'patch_nums' not in str(e):
+            raise
+        raise UserError(f'{path}: {e} (--pn, e.g. --pn 1_2_3_4_6_8)') from None
+    if patch_nums is not None and tuple(vae.config.patch_nums) != tuple(patch_nums):
+        raise UserError(f'--pn {patch_nums} does not match the scales {vae.config.patch_nums} stored in {path}')
+    return vae
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------------------
+def token_losses(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smooth: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of every token (B, L); the training loss is its plain mean (official uniform 1/L weights)."""
+    B, L, V = logits_BLV.shape
+    return F.cross_entropy(logits_BLV.reshape(-1, V), gt_BL.reshape(-1), label_smoothing=label_smooth,
+                           reduction='none').view(B, L)
+
+
+class ARTrainer:
+    """A VAR/VIAR (possibly DDP-wrapped), its frozen tokenizer and the optimizer; `step` trains one micro-batch."""
+
+    val_score = 'L_tail'  # the official trainer keeps the checkpoint with the best last-scale validation loss
+
+    def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float):
+        self.model, self.var, self.vae = model, unwrap(model), vae
+        self.amp, self.schedule, self.label_smooth = amp, schedule, label_smooth
+        self.device = next(self.var.parameters()).device
+        self.scale_sizes = [pn * pn for pn in self.var.patch_nums]
+        self.tokens_per_image = self.var.L
+        self.rng_generators = {'sjfb': self.var.iter_rng}
+        self.draws: List[Tuple[int, int]] = []  # S-JFB counts since the last metrics
+
+    def pyramid(self, batch) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(labels, per-scale token maps) of a batch of images (tokenized here) or of cached tokens."""
+        x, label_B = batch
+        label_B = label_B.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True)
+        if x.is_floating_point():
+            with torch.no_grad():  # fp32 outside autocast, as the official trainer
+                return label_B, self.vae.img_to_idxBl(x)
+        return label_B, list(x.split(self.scale_sizes, dim=1))
+
+    def step(self, it: int, batch, stepping: bool, want_metrics: bool) -> StepResult:
+        """lr -> forward/backward (AMP, accumulation) -> clip -> optimizer step (when `stepping`)."""
+        lr, wd = self.schedule.apply(self.amp.optimizer, it)
+        label_B, gt_idx_Bl = self.pyramid(batch)
+        x_BLCv = self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
+        gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        with self.amp.forward_context(stepping):
+            logits_BLV = self.model(label_B, x_BLCv)
+        loss_BL = token_losses(logits_BLV, gt_BL, self.label_smooth)
+        stepped = self.amp.backward_step(loss_BL.mean(), stepping)
+        loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()
+        if not math.isfinite(loss):
+            raise UserError(f'the loss is {loss} at iteration {it + 1}; the last checkpoint is intact: lower --tblr or '
+                            f'try --fp16 2 (bf16), then resume')
+        if self.var.last_implicit_iters is not None:
+            self.draws.append(self.var.last_implicit_iters)
+        res = StepResult(loss, lr, wd)
+        if stepped is not None:
+            res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
+        if want_metrics:
+            res.metrics = self.metrics(loss_BL.detach(), logits_BLV.detach(), gt_BL)
+            m = res.metrics
+            res.summary = f'loss {m["train/L_mean"]:.4f} tail {m["train/L_tail"]:.4f} acc {m["train/acc_mean"]:.2f}%'
+            if self.draws:
+                n_ng, n_g = (sum(d[i] for d in self.draws) / len(self.draws) for i in range(2))
+                m.update({'sjfb/no_grad_iters': n_ng, 'sjfb/grad_iters': n_g})
+                res.summary += f' | sjfb {n_ng:.1f}+{n_g:.1f}'
+                self.draws.clear()
+        return res
+
+    @torch.no_grad()
+    def metrics(self, loss_BL: torch.Tensor, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> Dict[str, float]:
+        """Loss and accuracy (%) overall, on the last scale ('tail') and per scale, averaged over ranks."""
+        ce_BL = loss_BL if self.label_smooth == 0 else token_losses(logits_BLV, gt_BL)
+        acc_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float().mul_(100)
+        last = self.scale_sizes[-1]
+        names = ['train/L_mean', 'train/L_tail', 'train/acc_mean', 'train/acc_tail']
+        values = [ce_BL.mean(), ce_BL[:, -last:].mean(), acc_BL.mean(), acc_BL[:, -last:].mean()]
+        for pn, (bg, ed) in zip(self.var.patch_nums, self.var.begin_ends):
+            names += [f'scale_L/{pn}x{pn}', f'scale_acc/{pn}x{pn}']
+            values += [ce_BL[:, bg:ed].mean(), acc_BL[:, bg:ed].mean()]
+        return dict(zip(names, dist.all_reduce_mean(torch.stack(values)).tolist()))
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> Dict[str, float]:
+        """Validation loss and accuracy (eval mode: no label dropout, fixed implicit iterations), over all ranks."""
+        self.var.eval()
+        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
+        last = self.scale_sizes[-1]
+        for batch in loader:
+            label_B, gt_idx_Bl = self.pyramid(batch)
+            with self.amp.autocast():
+                logits_BLV = self.var(label_B, self.vae.quantize.idxBl_to_var_input(gt_idx_Bl))
+            gt_BL = torch.cat(gt_idx_Bl, dim=1)
+            ce_BL = token_losses(logits_BLV, gt_BL)
+            acc_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float().mul_(100)
+            sums += torch.stack([ce_BL.mean(1).sum(), ce_BL[:, -last:].mean(1).sum(), acc_BL.mean(1).sum(),
+                                 acc_BL[:, -last:].mean(1).sum(), ce_BL.new_tensor(len(gt_BL))]).double()
+        if dist.is_initialized():
+            torch.distributed.all_reduce(sums)
+        self.var.train()
+        n = max(sums[4].item(), 1.0)
+        return {'L_mean': sums[0].item() / n, 'L_tail': sums[1].item() / n, 'acc_mean': sums[2].item() / n,
+                'acc_tail': sums[3].item() / n}
+
+    def replicated(self) -> Sequence[torch.nn.Module]:
+        return [self.var]
+
+    def checkpoint(self) -> Dict[str, Any]:
+        """Weights, config, the tokenizer's config (so `load_models` rebuilds both) and the optimizer state."""
+        return model_checkpoint(KIND_VAR, self.var, vae_config=self.vae.config.to_dict(), amp=self.amp.state_dict())
+
+    def load_checkpoint(self, ckpt: Dict[str, Any], path: Path):
+        if ckpt.get('kind') != KIND_VAR or 'amp' not in ckpt:
+            raise UserError(f'{path} is not a train.py checkpoint; pass --resume none to start fresh')
+        saved, own = ckpt['config'], self.var.config.to_dict()
+        diffs = [f'{k}={v} (flags: {own[k]})' for k, v in saved.items() if own.get(k) != v]
+        if diffs:
+            raise UserError(f'{path} was trained with {", ".join(diffs)}; pass the same model flags or another '
+                            f'--out_dir')
+        load_state_dict_strict(self.var, ckpt['model'], str(path))
+        self.amp.load_state_dict(ckpt['amp'])
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+def main(args):
+    info = dist.init_distributed(args.device)
+    out_dir = prepare_out_dir(args.out_dir, info.is_main)
+    setup_logging(info.rank, out_dir / 'stdout.txt')
+    log.info('command: %s', ' '.join(sys.argv))
+    check_flags(args)
+    configure_backends(args.tf32, info.device)
+
+    vae = load_tokenizer(args.vae_ckpt, info.device, args.patch_nums)
+    image_size = vae.config.image_size
+    train_set, val_set = build_datasets(args.data_path, image_size, args.mid_reso, args.hflip, args.skip_bad_images)
+    plan = derive_plan(args, info.world_size, len(train_set), info.device.type)
+    if plan.precision != args.precision:
+        log.info('--precision %s needs CUDA: training in %s', args.precision, plan.precision)
+    config = build_var_config(args, len(train_set.classes), vae.config)
+
+    torch.manual_seed(mix_seed(args.seed, STREAM_INIT))  # identical initial weights on every rank
+    var = build_var(config, info.device)
+    seed_process(args.seed, info.rank)
+    var.seed_implicit_iters(mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank))
+    if args.compile:
+        log.info('torch.compile: compiling every transformer block')
+        for block in var.trunk_blocks:
+            block.compile()
+    groups, counts = param_groups(var)
+    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0,
+                                  fused=info.device.type == 'cuda')
+    model = var
+    if info.distributed:
+        model = DistributedDataParallel(var, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
+                                        find_unused_parameters=False, forward_sync_buffers=False)
+    amp = AmpOptimizer(model, optimizer, plan.precision, args.grad_clip, args.accum)
+    schedule = Schedule(plan.peak_lr, plan.warmup_iters, plan.max_iters, args.schedule, args.warmup_start,
+                        args.lr_end, args.weight_decay, plan.wd_end)
+    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth)
+
+    kind = 'VIAR' if config.use_implicit else 'VAR'
+    log.info('data: %d training images in %d classes from %s; validation: %s; images %dpx, scales %s',
+             len(train_set), len(train_set.classes), args.data_path,
+             f'{len(val_set)} images' if val_set else 'none (no val/ folder)', image_size, config.patch_nums)
+    log.info('model: %s depth %d, width %d, %d heads, %s parameters (%s decayed, %s not)', kind, config.depth,
+             config.embed_dim, config.num_heads, f'{num_params(var):,}', f'{counts["decay"]:,}',
+             f'{counts["no_decay"]:,}')
+    if config.use_implicit:
+        log.info('S-JFB: no-grad iterations %s, with-grad iterations %s (inclusive ranges), %s draws',
+                 config.implicit_no_grad_iters, config.implicit_grad_iters,
+                 'shared' if args.sjfb_shared_draws else 'per-rank')
+    log.info('plan: %s', plan.describe(args))
+
+    files = CheckpointFiles(out_dir, 'ar')
+    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan.iters_per_epoch)
+
+    dataset = train_set
+    if args.token_cache:
+        dataset = build_token_cache(args.token_cache, vae, train_set, image_size, args.mid_reso, args.hflip,
+                                    info.rank, info.world_size, plan.local_batch, plan.workers, dist.barrier)
+    sampler, loader, val_loader = build_loaders(dataset, val_set, plan.local_batch, info.rank, info.world_size,
+                                                args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
+    tb_name = f'tb-{kind}d{config.depth}__b{args.batch_size}ep{args.epochs}lr{args.base_lr:g}wd{args.weight_decay:g}'
+    writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
+    # Last: everything above may draw random numbers; the loop must continue exactly where the checkpoint stopped.
+    if start_it:
+        restore_rng_states(rng_states, trainer.rng_generators, args.seed, info.rank, info.world_size, start_it)
+
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    loop = TrainLoop(args, plan, trainer, sampler, loader, val_loader, writer, files, info.is_main, info.world_size,
+                     progress and info.is_main)
+    loop.run(start_it, best)
+    writer.close()
+    dist.destroy()
+    return 0
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())

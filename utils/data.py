@@ -1,0 +1,333 @@
+"""Training data: ImageFolder datasets with the official transforms, a resumable distributed batch sampler, and an
+on-disk cache of token pyramids.
+
+Every sample is requested as (index, seed): the seed fixes its random augmentation, and the sampler derives it from
+(--seed, epoch, position in the epoch). What a step sees therefore depends neither on the number of ranks or data
+workers nor on where a run was resumed.
+"""
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from torchvision.datasets import DatasetFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from utils.cli import UserError, one_line
+from utils.training import STREAM_DATA, mix_seed
+
+log = logging.getLogger('viar')
+
+DEFAULT_MID_RESO = 1.125    # official: resize the shorter side to round(1.125 * size), then crop
+MAX_CONSECUTIVE_BAD = 100   # --skip_bad_images gives up after this many unreadable files in a row
+SAMPLE_SEED_HIGH = 2 ** 62
+SIXTEEN_BIT_MAX = 65535.0
+
+
+class BadImageError(UserError):
+    """An image file that cannot be decoded; the message names the file."""
+
+    def __init__(self, message: str):
+        # DataLoader workers re-raise with the worker's traceback in the message: keep the original line only.
+        marker = f'{type(self).__name__}: '
+        if 'Traceback' in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+# ---- images ---------------------------------------------------------------------------------------------------------
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    Greyscale and palette images are expanded; 16-bit (and 32-bit integer) greyscale is rescaled rather than clipped;
+    transparency is composited onto white (the official loader drops alpha, exposing whatever colour transparent
+    pixels happen to store).
+    """
+    if img.mode.startswith('I') or img.mode == 'F':
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
+            arr = arr * (255.0 / SIXTEEN_BIT_MAX)
+        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+    if img.mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        img = img.convert('RGBA')
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file completely (so a truncated file fails here) and convert it to RGB."""
+    try:
+        with open(path, 'rb') as f:
+            img = Image.open(f)
+            img.load()
+            return to_rgb(img)
+    except Exception as e:  # any failure to decode one file is reported as that file's problem
+        raise BadImageError(f'cannot read image {path}: {one_line(e)}') from None
+
+
+class ToPlusMinusOne:
+    """[0, 1] -> [-1, 1], the tokenizer's input range (a class, not a lambda, so data workers can pickle it)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mul(2).sub_(1)
+
+
+def build_transform(image_size: int, train: bool, mid_reso: float = DEFAULT_MID_RESO, hflip: bool = False):
+    """Official transforms: shorter side to round(mid_reso * size) with LANCZOS, random (train) or centre (val) crop,
+    values in [-1, 1]; an optional horizontal flip comes first (train only)."""
+    ops = [T.RandomHorizontalFlip()] if hflip and train else []
+    ops += [T.Resize(round(mid_reso * image_size), interpolation=T.InterpolationMode.LANCZOS),
+            T.RandomCrop(image_size) if train else T.CenterCrop(image_size),
+            T.ToTensor(), ToPlusMinusOne()]
+    return T.Compose(ops)
+
+
+class ImageFolder(DatasetFolder):
+    """`root/<class>/<image>` with one-line errors for missing or empty folders, optional skipping of unreadable
+    files, and per-sample seeded augmentation. `classes` fixes the class list (validation uses the training one)."""
+
+    def __init__(self, root, transform, classes: Optional[Sequence[str]] = None, skip_bad: bool = False):
+        self._given_classes = None if classes is None else list(classes)
+        if not Path(root).is_dir():
+            raise UserError(f'data folder not found: {root}')
+        super().__init__(str(root), loader=load_rgb, extensions=IMG_EXTENSIONS, transform=transform, allow_empty=True)
+        self.skip_bad = skip_bad
+        self._reported_bad = set()
+
+    def find_classes(self, directory):
+        found = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        if self._given_classes is None:
+            if not found:
+                raise UserError(f'{directory} holds no class folders (expected {directory}/<class>/<image>)')
+            classes = found
+        else:
+            unknown = sorted(set(found) - set(self._given_classes))
+            if unknown:
+                raise UserError(f'{directory} has class folders the training set lacks: {unknown[:5]}')
+            classes = self._given_classes
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=True):
+        samples = DatasetFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
+        if self._given_classes is None:
+            counts = Counter(label for _, label in samples)
+            empty = [c for c, i in class_to_idx.items() if counts[i] == 0]
+            if empty:
+                more = f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''
+                raise UserError(f'class folder {Path(directory) / empty[0]} has no images{more}; '
+                                f'accepted extensions: {" ".join(IMG_EXTENSIONS)}')
+        if not samples:
+            raise UserError(f'no images under {directory}')
+        return samples
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        img, target = self._load(index)
+        if seed is None:
+            return self.transform(img), target
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), target
+
+    def _load(self, index: int) -> Tuple[Image.Image, int]:
+        """The image at `index`; with skip_bad, the next readable one (and its label) instead of a broken file."""
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                return load_rgb(path), target
+            except BadImageError as e:
+                if not self.skip_bad:
+                    raise BadImageError(f'{e} (pass --skip_bad_images to skip such files)') from None
+                if path not in self._reported_bad:
+                    self._reported_bad.add(path)
+                    log.warning('%s; skipped (--skip_bad_images): using the next image instead', e)
+        raise UserError(f'{MAX_CONSECUTIVE_BAD} unreadable images in a row from {self.samples[index][0]} on')
+
+
+def build_datasets(data_path, image_size: int, mid_reso: float = DEFAULT_MID_RESO, hflip: bool = False,
+                   skip_bad: bool = False) -> Tuple[ImageFolder, Optional[ImageFolder]]:
+    """(train, val or None) from `data_path/train/<class>/...` and the optional `data_path/val/<class>/...`."""
+    root = Path(data_path)
+    if not root.is_dir():
+        raise UserError(f'--data_path {root} does not exist')
+    if not (root / 'train').is_dir():
+        raise UserError(f'{root} has no train/ folder (expected {root}/train/<class>/<image> and optionally '
+                        f'{root}/val/<class>/<image>)')
+    train = ImageFolder(root / 'train', build_transform(image_size, True, mid_reso, hflip), skip_bad=skip_bad)
+    val = None
+    if (root / 'val').is_dir():
+        val = ImageFolder(root / 'val', build_transform(image_size, False, mid_reso), classes=train.classes,
+                          skip_bad=skip_bad)
+    return train, val
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+class DistributedBatchSampler:
+    """This rank's batches of (index, sample seed) for one epoch at a time; resumable mid-epoch.
+
+    Each epoch draws a permutation from (seed, epoch), pads it with its own head to whole global batches (as the
+    official sampler does; `pad=False` keeps a partial last batch instead, for evaluation), and gives rank r the r-th
+    of `world` equal parts of each global batch -- so every step sees the same images whatever the number of ranks.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, pad: bool = True):
+        if num_samples < 1 or global_batch < 1 or global_batch % world:
+            raise ValueError(f'bad sampler sizes: {num_samples} samples, global batch {global_batch}, world {world}')
+        self.num_samples, self.global_batch = num_samples, global_batch
+        self.rank, self.world, self.local_batch = rank, world, global_batch // world
+        self.seed, self.shuffle, self.pad = seed, shuffle, pad
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.num_samples / self.global_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0):
+        """Select the epoch (its shuffle) and the global batch to start from."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _epoch_order(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, STREAM_DATA, self.epoch))
+        n = self.num_samples
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        if self.pad:
+            total = self.batches_per_epoch * self.global_batch
+            order = order.repeat(math.ceil(total / n))[:total]
+        seeds = torch.randint(0, SAMPLE_SEED_HIGH, (len(order),), generator=g)
+        return order, seeds
+
+    def _bounds(self, k: int) -> Tuple[int, int]:
+        lo = k * self.global_batch + self.rank * self.local_batch
+        return lo, lo + self.local_batch
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        order, seeds = self._epoch_order()
+        for k in range(self.start_batch, self.batches_per_epoch):
+            lo, hi = self._bounds(k)
+            batch = list(zip(order[lo:hi].tolist(), seeds[lo:hi].tolist()))
+            if batch:
+                yield batch
+
+    def __len__(self) -> int:
+        n = self.batches_per_epoch * self.global_batch if self.pad else self.num_samples
+        return sum(1 for k in range(self.start_batch, self.batches_per_epoch) if self._bounds(k)[0] < n)
+
+
+def make_loader(dataset: Dataset, batch_sampler, workers: int, pin_memory: bool) -> DataLoader:
+    """A DataLoader over `batch_sampler`; its own generator keeps the global torch RNG untouched (resume exactness)."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0, generator=torch.Generator())
+
+
+VAL_BATCH_FACTOR = 1.5  # validation batch = 1.5 x the per-rank training batch (official)
+
+
+def build_loaders(train: Dataset, val: Optional[Dataset], local_batch: int, rank: int, world: int, seed: int,
+                  workers: int, pin_memory: bool):
+    """(training sampler, training loader, validation loader or None) for this rank."""
+    sampler = DistributedBatchSampler(len(train), local_batch * world, rank, world, seed)
+    loader = make_loader(train, sampler, workers, pin_memory)
+    val_loader = None
+    if val is not None:
+        val_batch = max(1, round(local_batch * VAL_BATCH_FACTOR)) * world
+        val_sampler = DistributedBatchSampler(len(val), val_batch, rank, world, seed, shuffle=False, pad=False)
+        val_loader = make_loader(val, val_sampler, workers, pin_memory)
+    return sampler, loader, val_loader
+
+
+# ---- token cache ----------------------------------------------------------------------------------------------------
+class TokenDataset(Dataset):
+    """Cached token pyramids (L,) int64 with their labels; the sample seed picks the view (mirror or not)."""
+
+    def __init__(self, tokens_path: Path, labels_path: Path):
+        self.tokens_path = Path(tokens_path)
+        self.labels = np.load(labels_path)
+        self._tokens = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        if self._tokens is None:  # opened lazily, once per data worker
+            self._tokens = np.load(self.tokens_path, mmap_mode='r')
+        view = (seed or 0) % self._tokens.shape[1]
+        return torch.from_numpy(self._tokens[index, view].astype(np.int64)), int(self.labels[index])
+
+
+def token_cache_key(vae, images: ImageFolder, image_size: int, mid_reso: float, views: int) -> str:
+    """Hash of everything the cached tokens depend on: tokenizer weights, image list and labels, transform."""
+    h = hashlib.sha256()
+    for k, v in vae.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({'size': image_size, 'mid_reso': mid_reso, 'views': views,
+                         'patch_nums': list(vae.config.patch_nums)}).encode())
+    for path, label in images.samples:
+        h.update(f'{os.path.relpath(path, images.root)}\t{label}\n'.encode())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def build_token_cache(cache_dir, vae, train: ImageFolder, image_size: int, mid_reso: float, hflip: bool,
+                      rank: int, world: int, batch_size: int, workers: int, barrier) -> TokenDataset:
+    """Tokenize every training image once (centre crop, plus its mirror with `hflip`) into a memory-mapped file,
+    each rank a contiguous shard; reuse the file when nothing it depends on changed.
+
+    The cache trades random-crop augmentation for speed. For several nodes, `cache_dir` must be a shared folder.
+    """
+    cache_dir = Path(cache_dir)
+    views = 2 if hflip else 1
+    images = copy.copy(train)
+    images.transform = build_transform(image_size, train=False, mid_reso=mid_reso)
+    key = token_cache_key(vae, images, image_size, mid_reso, views)
+    path, labels, meta = (cache_dir / f'tokens-{key}.{ext}' for ext in ('npy', 'labels.npy', 'json'))
+    if meta.is_file():
+        log.info('token cache: using %s', path)
+        return TokenDataset(path, labels)
+    N, L = len(images), sum(pn * pn for pn in vae.config.patch_nums)
+    dtype = np.uint16 if vae.V <= np.iinfo(np.uint16).max + 1 else np.int32
+    tmp, tmp_labels = cache_dir / f'.tokens-{key}.npy.tmp', cache_dir / f'.tokens-{key}.labels.npy.tmp'
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(N, views, L)).flush()
+        np.lib.format.open_memmap(tmp_labels, mode='w+', dtype=np.int64, shape=(N,)).flush()
+        log.info('token cache: tokenizing %d images (%d view(s)) into %s', N, views, path)
+    barrier()
+    arr, arr_labels = np.load(tmp, mmap_mode='r+'), np.load(tmp_labels, mmap_mode='r+')
+    lo, hi = N * rank // world, N * (rank + 1) // world
+    batches = [[(i, 0) for i in range(s, min(s + batch_size, hi))] for s in range(lo, hi, batch_size)]
+    device = next(vae.parameters()).device
+    for batch, (img, label) in zip(batches, make_loader(images, batches, workers, device.type == 'cuda')):
+        pos = [i for i, _ in batch]
+        arr_labels[pos] = label.numpy()  # with --skip_bad_images a broken file's slot holds its substitute
+        img = img.to(device, non_blocking=True)
+        for view in range(views):
+            x = img if view == 0 else img.flip(-1)
+            arr[pos, view] = torch.cat(vae.img_to_idxBl(x), dim=1).cpu().numpy().astype(dtype)
+    arr.flush()
+    arr_labels.flush()
+    del arr, arr_labels
+    barrier()
+    if rank == 0:
+        os.replace(tmp, path)
+        os.replace(tmp_labels, labels)
+        meta.write_text(json.dumps({'images': N, 'views': views, 'tokens': L, 'root': str(images.root)}))
+    barrier()
+    return TokenDataset(path, labels)

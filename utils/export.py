@@ -1,0 +1,70 @@
+"""Export a checkpoint's weights in the released format: a bare state dict `.pth` (the official code loads it with
+`load_state_dict(strict=True)`) and `.safetensors`.
+
+    python -m utils.export local_output/ar-ckpt-best.pth --out_dir ckpts --name viar-mine
+    python -m utils.export local_output/vae-ckpt-best.pth --out_dir ckpts      # tokenizers too
+"""
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from utils.checkpoint import load_file, save_atomic, save_safetensors, strip_wrapper_prefixes
+from utils.cli import ArgumentParser, UserError, main_entry
+
+FORMATS = ('pth', 'safetensors')
+
+
+def weights_of(obj, path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(bare state dict, safetensors metadata) from our checkpoints, official training checkpoints, or bare dicts."""
+    if not isinstance(obj, dict):
+        raise UserError(f'{path}: expected a checkpoint dict, found {type(obj).__name__}')
+    meta: Dict[str, str] = {}
+    if 'kind' in obj and 'model' in obj:
+        sd = obj['model']
+        meta = {'kind': obj['kind'], 'config': json.dumps(obj.get('config'))}
+        if 'vae_config' in obj:
+            meta['vae_config'] = json.dumps(obj['vae_config'])
+    elif isinstance(obj.get('trainer'), dict) and 'var_wo_ddp' in obj['trainer']:
+        sd = obj['trainer']['var_wo_ddp']
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd = obj
+    else:
+        raise UserError(f'{path}: not a recognised checkpoint (top-level keys: {sorted(obj)[:8]})')
+    return {k: v.detach().cpu().contiguous() for k, v in strip_wrapper_prefixes(sd).items()}, meta
+
+
+def export(ckpt: Path, out_dir: Path, name: Optional[str] = None, formats=FORMATS) -> List[Path]:
+    """Write `out_dir/<name>.pth` and/or `.safetensors`; returns the files written."""
+    ckpt = Path(ckpt)
+    sd, meta = weights_of(load_file(ckpt), ckpt)
+    name = name or ckpt.stem.replace('-ckpt', '')
+    written = []
+    if 'pth' in formats:
+        written.append(Path(out_dir) / f'{name}.pth')
+        save_atomic(sd, written[-1])
+    if 'safetensors' in formats:
+        written.append(Path(out_dir) / f'{name}.safetensors')
+        save_safetensors(sd, written[-1], metadata=meta or None)
+    return written
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description='Export checkpoint weights as a bare state dict (.pth, official format) and '
+                                   '.safetensors.')
+    p.add_argument('ckpt', help='a train.py / train_tokenizer.py checkpoint (or any state-dict file)')
+    p.add_argument('--out_dir', default='.', help='folder for the exported files')
+    p.add_argument('--name', help='file name without extension (default: the checkpoint name without "-ckpt")')
+    p.add_argument('--formats', nargs='+', choices=FORMATS, default=list(FORMATS))
+    return p
+
+
+def main(args):
+    for path in export(Path(args.ckpt), Path(args.out_dir), args.name, args.formats):
+        print(f'wrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())

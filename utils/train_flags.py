@@ -1,0 +1,156 @@
+"""Flags shared by the training CLIs (data, optimisation, run) and the values derived from them (`Plan`)."""
+import argparse
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from utils.amp import PRECISIONS, effective_precision, official_precision
+from utils.cli import UserError
+from utils.lr_sched import SCHEDULES
+
+log = logging.getLogger('viar')
+
+IMAGES_PER_BASE_LR = 256     # peak lr = ac * tblr * global batch / 256 (official)
+WARMUP_EPOCH_DIVISOR = 50    # --wp 0 means ep / 50 warmup epochs (official)
+AUTO_WORKERS_MAX = 8
+
+
+def add_data_flags(p: argparse.ArgumentParser):
+    d = p.add_argument_group('data')
+    d.add_argument('--data_path', required=True, help='ImageFolder root: train/<class>/<image>, optional val/<class>/')
+    d.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to mid_reso x image size, '
+                                                                 'then crop')
+    d.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False, help='random horizontal flips')
+    d.add_argument('--workers', type=int, default=-1, help='data workers per rank (0: main process; -1: '
+                                                           f'min({AUTO_WORKERS_MAX}, CPUs per rank))')
+    d.add_argument('--skip_bad_images', action=argparse.BooleanOptionalAction, default=False,
+                   help='log and skip unreadable images instead of stopping with an error')
+    return d
+
+
+RELEASED_PATCH_NUMS = '1_2_3_4_5_6_8_10_13_16'
+
+
+def patch_nums_arg(value: str) -> tuple:
+    """argparse type for the official --pn spelling: '1_2_3_4_6_8' (or '256' for the released scales)."""
+    value = RELEASED_PATCH_NUMS if value == '256' else value
+    try:
+        return tuple(int(v) for v in value.replace(',', '_').split('_'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected scale sides like 1_2_3_4_6_8, got {value!r}') from None
+
+
+def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, base_lr: float, weight_decay: float,
+                    betas, schedule: str, lr_end: float, grad_clip: float):
+    """Optimisation flags; the defaults differ between the AR and the tokenizer recipes."""
+    o = p.add_argument_group('optimisation')
+    o.add_argument('--batch_size', '--bs', type=int, default=batch_size,
+                   help='global batch: all ranks and accumulation steps together')
+    o.add_argument('--accum', '--ac', type=int, default=1, help='gradient accumulation steps')
+    o.add_argument('--epochs', '--ep', type=int, default=epochs)
+    o.add_argument('--base_lr', '--tblr', type=float, default=base_lr,
+                   help=f'lr per {IMAGES_PER_BASE_LR} images: peak lr = ac x tblr x global batch / '
+                        f'{IMAGES_PER_BASE_LR}')
+    o.add_argument('--weight_decay', '--twd', type=float, default=weight_decay)
+    o.add_argument('--weight_decay_end', '--twde', type=float, help='weight decay at the end of its cosine ramp '
+                                                                    '(default: --twd)')
+    o.add_argument('--grad_clip', '--tclip', type=float, default=grad_clip, help='max gradient norm (0: no clipping)')
+    o.add_argument('--warmup_epochs', '--wp', type=float, default=0.0, help=f'0: epochs / {WARMUP_EPOCH_DIVISOR}')
+    o.add_argument('--warmup_start', '--wp0', type=float, default=0.005, help='lr factor when warmup starts')
+    o.add_argument('--lr_end', '--wpe', type=float, default=lr_end, help='lr factor at the last iteration')
+    o.add_argument('--schedule', '--sche', choices=SCHEDULES, default=schedule, help='lr schedule after warmup')
+    o.add_argument('--betas', type=float, nargs=2, default=tuple(betas), help='AdamW betas')
+    o.add_argument('--precision', choices=PRECISIONS, default='fp32',
+                   help='fp16 (with GradScaler) or bf16 autocast on CUDA; the CPU always trains in fp32')
+    o.add_argument('--fp16', dest='precision', type=official_precision, default=argparse.SUPPRESS,
+                   help='official spelling of --precision: 0 fp32, 1 fp16, 2 bf16')
+    o.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
+                   help='TF32 matmuls/convs on CUDA (official default)')
+    return o
+
+
+def add_run_flags(p: argparse.ArgumentParser, ckpt_prefix: str):
+    r = p.add_argument_group('run')
+    r.add_argument('--out_dir', '--local_out_dir_path', default='local_output', help='checkpoints, logs, TensorBoard')
+    r.add_argument('--resume', default='auto', help=f"'auto': continue from OUT_DIR/{ckpt_prefix}-ckpt-last.pth if "
+                                                    f"present; 'none'; or a checkpoint path")
+    r.add_argument('--seed', type=int, default=0, help='seeds initialisation, data order and augmentation, dropout '
+                                                       'and every other random draw')
+    r.add_argument('--save_freq', type=int, default=5, help='validate and save every N epochs (and at the end)')
+    r.add_argument('--save_steps', type=int, default=0, help='also save every N iterations (0: off)')
+    r.add_argument('--max_steps', type=int, default=0, help='stop (and save) after N iterations; the lr schedule '
+                                                            'still spans --ep epochs (0: off)')
+    r.add_argument('--log_freq', type=int, default=100, help='log every N iterations')
+    r.add_argument('--progress', action=argparse.BooleanOptionalAction,
+                   help='tqdm bar on rank 0 (default: when stderr is a terminal)')
+    r.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
+    return r
+
+
+def check_flags(args):
+    for name in ('epochs', 'save_freq', 'log_freq'):
+        if getattr(args, name) < 1:
+            raise UserError(f'--{name} must be >= 1')
+    if args.seed < 0:
+        raise UserError('--seed must be >= 0')
+    if args.batch_size < 1 or args.accum < 1:
+        raise UserError(f'--bs ({args.batch_size}) and --ac ({args.accum}) must be >= 1')
+    for name in ('save_steps', 'max_steps'):
+        value = getattr(args, name)
+        if value < 0 or value % args.accum:
+            raise UserError(f'--{name} ({value}) must be >= 0 and a multiple of --ac ({args.accum})')
+
+
+def configure_backends(tf32: bool, device: torch.device):
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision('high' if tf32 else 'highest')
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Values derived from the flags, the world size and the data: computed once, logged once."""
+    world: int
+    accum: int
+    local_batch: int        # images per rank per micro-batch
+    micro_batch: int        # images per micro-batch over all ranks (the official glb_batch_size)
+    peak_lr: float
+    iters_per_epoch: int    # micro-batches per epoch
+    max_iters: int
+    warmup_iters: int
+    wd_end: float
+    precision: str
+    workers: int
+
+    def describe(self, args) -> str:
+        return (f'global batch {self.micro_batch * self.accum} = {self.world} rank(s) x {self.local_batch} x '
+                f'{self.accum} accumulation | peak lr {self.peak_lr:.4g} = {self.accum} x {args.base_lr:g} x '
+                f'{self.micro_batch} / {IMAGES_PER_BASE_LR} | {self.iters_per_epoch} it/epoch, {self.max_iters} it '
+                f'in {args.epochs} epochs, warmup {self.warmup_iters} it | wd {args.weight_decay:g} -> '
+                f'{self.wd_end:g} | {self.precision} | {self.workers} data worker(s) per rank')
+
+
+def derive_plan(args, world: int, num_images: int, device_type: str) -> Plan:
+    """Per-rank batch, scaled lr and iteration counts (official arg_util rules)."""
+    local = round(args.batch_size / args.accum / world)
+    if local < 1:
+        raise UserError(f'--bs {args.batch_size} is too small for {world} rank(s) x --ac {args.accum}: every rank '
+                        f'needs at least one image per micro-batch')
+    micro = local * world
+    if micro * args.accum != args.batch_size:
+        log.warning('--bs %d is not divisible by %d rank(s) x --ac %d: training with %d images per step',
+                    args.batch_size, world, args.accum, micro * args.accum)
+    iters = math.ceil(num_images / micro)
+    warmup_epochs = args.warmup_epochs or args.epochs / WARMUP_EPOCH_DIVISOR
+    local_world = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+    workers = args.workers if args.workers >= 0 else min(AUTO_WORKERS_MAX, (os.cpu_count() or 1) // local_world)
+    return Plan(world=world, accum=args.accum, local_batch=local, micro_batch=micro,
+                peak_lr=args.accum * args.base_lr * micro / IMAGES_PER_BASE_LR,
+                iters_per_epoch=iters, max_iters=args.epochs * iters, warmup_iters=round(warmup_epochs * iters),
+                wd_end=args.weight_decay if args.weight_decay_end is None else args.weight_decay_end,
+                precision=effective_precision(args.precision, device_type), workers=min(workers, local))
