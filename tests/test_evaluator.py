@@ -17,7 +17,7 @@ from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 from utils.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
                              load_inception, load_offline_inception, preprocess, spatial_features,
-                             state_dict_from_torchscript, tf1_resize_bilinear)
+                             state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
 from utils.metrics import (GaussianStats, class_probabilities, frechet_distance, gaussian_stats, inception_score,
                            manifold_radii, precision_recall)
 
@@ -351,6 +351,11 @@ def test_pytorch_fid_state_dict_loads_and_runs(random_weights, random_network, f
         load_inception(tmp_path / 'other.pth')
     with pytest.raises(CheckpointError, match='not found'):
         load_inception(tmp_path / 'absent.pth')
+    (tmp_path / 'text.pth').write_text('not a checkpoint\n')
+    with pytest.raises(CheckpointError, match='text.pth'):
+        load_inception(tmp_path / 'text.pth')
+    with pytest.raises(CheckpointError, match='is a TorchScript file'):
+        load_inception(torchscript_path())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ def load_file(path: PathLike) -> Any:
         raise CheckpointError(f'{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f'{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})') from None
+    except Exception as e:  # the weights-only unpickler raises KeyError, IndexError, ... on arbitrary bytes
+        raise CheckpointError(f'{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})') from None
 
 
 def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import logging
 import warnings
+import zipfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -393,6 +394,15 @@ def load_torchscript_module(path: PathLike) -> torch.jit.ScriptModule:
         raise CheckpointError(f'{path}: not a loadable TorchScript file ({str(e).splitlines()[0]})') from None
 
 
+def _is_torchscript_archive(path: PathLike) -> bool:
+    """TorchScript archives are zip files with a `constants.pkl` (plain torch.save files have none)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(name.endswith('/constants.pkl') for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _with_bn_counters(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """`sd` plus the model's own BatchNorm step counters where `sd` lacks them (unused in eval mode; some exports
     drop them), so that a strict load checks only the tensors that matter."""
@@ -418,7 +428,13 @@ def load_offline_inception(device='cpu', run_torchscript: bool = True) -> Incept
 
 def load_pytorch_fid_inception(path: PathLike, device='cpu') -> InceptionFeatures:
     """FIDInceptionV3 from a pytorch-fid / torch-fidelity state dict (strict keys; `num_batches_tracked` optional)."""
-    sd = load_file(path)
+    if _is_torchscript_archive(path):
+        raise CheckpointError(f'{path}: is a TorchScript file, not a pytorch-fid state dict; the offline TorchScript '
+                              f'weights are the default (omit --inception), or pass {PYTORCH_FID_FILE}')
+    try:
+        sd = load_file(path)
+    except CheckpointError as e:
+        raise CheckpointError(f'Inception weights: {e}') from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f'{path}: expected a pytorch-fid Inception state dict ({PYTORCH_FID_FILE})')
     model = FIDInceptionV3()

@@ -1,0 +1,156 @@
+"""Images/s of the evaluator's feature extraction (TF1 resize + Inception pool_3 and mixed_6), CPU and GPU if present.
+
+    python -m bench.inception_speed [--batch-sizes 16 64] [--batches 3] [--image-size 256]
+
+Times `InceptionFeatures.features` on uint8 images (ADM's 256px by default), the path every evaluation runs, for
+the offline weights executed two ways: the TorchScript module itself (the evaluator's default) and the same weights
+copied into the PyTorch architecture (identical features). Writes bench/results/inception_speed.{md,json}.
+"""
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from utils.cli import ArgumentParser, UserError, main_entry
+from utils.inception import InceptionFeatures, load_offline_inception
+
+RESULTS_DIR = Path(__file__).resolve().parent / 'results'
+BACKENDS = {'torchscript': True, 'pytorch': False}   # name -> run_torchscript
+DTYPE = 'float32'                                    # the evaluator always runs Inception in float32
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else platform.processor()."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown'
+
+
+def machine_info() -> Dict[str, object]:
+    """What the numbers depend on: CPU, cores, torch threads, GPU, library versions."""
+    info = {'platform': platform.platform(), 'cpu': cpu_model(), 'cpu_count': os.cpu_count(),
+            'torch_threads': torch.get_num_threads(), 'python': platform.python_version(),
+            'torch': torch.__version__, 'numpy': np.__version__, 'gpu': None}
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _sync(device: torch.device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_batch(network: InceptionFeatures, images: np.ndarray) -> float:
+    """Images/s of one `network.features` call."""
+    _sync(network.device)
+    start = time.perf_counter()
+    network.features(images)
+    _sync(network.device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def run(devices: List[str], threads: List[int], batch_sizes: List[int], batches: int, warmup: int,
+        image_size: int) -> List[dict]:
+    """One row per (device, CPU threads, backend, batch size) with the median and best of `batches` timings.
+
+    The timed batches are interleaved across backends and batch sizes (round robin), so that load from other
+    processes on a shared machine spreads over all settings instead of hitting one.
+    """
+    rng = np.random.default_rng(0)
+    rows = []
+    for device in devices:
+        for num_threads in (threads if device == 'cpu' else [torch.get_num_threads()]):
+            torch.set_num_threads(num_threads)
+            settings = [(backend, load_offline_inception(device, run_torchscript=run_ts), batch_size,
+                         rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8))
+                        for backend, run_ts in BACKENDS.items() for batch_size in batch_sizes]
+            for _, network, _, images in settings:
+                for _ in range(warmup):
+                    network.features(images)
+            speeds = [[] for _ in settings]
+            for _ in range(batches):
+                for speed, (_, network, _, images) in zip(speeds, settings):
+                    speed.append(time_batch(network, images))
+            for speed, (backend, _, batch_size, _) in zip(speeds, settings):
+                rows.append({'device': device, 'threads': num_threads, 'backend': backend, 'batch_size': batch_size,
+                             'images_per_s_median': round(float(np.median(speed)), 2),
+                             'images_per_s_best': round(max(speed), 2)})
+                print(f'{device:5s} {num_threads:2d} threads {backend:12s} batch {batch_size:4d}: '
+                      f'median {np.median(speed):7.2f}, best {max(speed):7.2f} images/s', flush=True)
+    return rows
+
+
+def write_results(rows: List[dict], meta: Dict[str, object]):
+    """bench/results/inception_speed.json and a markdown table with the same numbers."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / 'inception_speed.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
+    lines = ['# Inception feature extraction speed', '',
+             f'Command: `{meta["command"]}`  ', f'Date (UTC): {meta["date"]}  ',
+             f'Machine: {meta["machine"]["cpu"]}, {meta["machine"]["cpu_count"]} CPUs '
+             f'({meta["machine"]["torch_threads"]} torch threads by default), '
+             f'GPU: {meta["machine"]["gpu"] or "none"}  ',
+             f'torch {meta["machine"]["torch"]}, numpy {meta["machine"]["numpy"]}, dtype {meta["dtype"]}, '
+             f'input {meta["image_size"]}x{meta["image_size"]} uint8 (resized to 299 inside), '
+             f'{meta["batches"]} timed batches per setting (round robin) after {meta["warmup"]} warm-up  ',
+             f'Load average (1/5/15 min) before / after: {meta["load_average_before_after"][0]} | '
+             f'{meta["load_average_before_after"][1]}', '',
+             '| device | threads | weights run as | batch size | images/s (median) | images/s (best) |',
+             '|---|---:|---|---:|---:|---:|']
+    lines += [f'| {r["device"]} | {r["threads"]} | {r["backend"]} | {r["batch_size"]} | '
+              f'{r["images_per_s_median"]:.2f} | {r["images_per_s_best"]:.2f} |' for r in rows]
+    (RESULTS_DIR / 'inception_speed.md').write_text('\n'.join(lines) + '\n')
+
+
+def get_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[16, 64])
+    parser.add_argument('--batches', type=int, default=3, help='timed batches per setting (median and best)')
+    parser.add_argument('--warmup', type=int, default=2,
+                        help='untimed batches first (TorchScript profiles its first calls at each input shape)')
+    parser.add_argument('--image-size', type=int, default=256, help='side of the uint8 input images')
+    parser.add_argument('--devices', nargs='+', default=None, help='default: cpu, plus cuda when available')
+    parser.add_argument('--threads', type=int, nargs='+', default=None,
+                        help='CPU thread counts to try (default: torch\'s default)')
+    return parser
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages: other processes on a small machine change these numbers."""
+    return ' / '.join(f'{x:.2f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else 'unknown'
+
+
+def main(args):
+    for flag, values in (('--batch-sizes', args.batch_sizes), ('--batches', [args.batches]),
+                         ('--threads', args.threads or [1]), ('--image-size', [args.image_size])):
+        if min(values) < 1:
+            raise UserError(f'{flag} must be >= 1, got {values}')
+    if args.warmup < 0:
+        raise UserError(f'--warmup must be >= 0, got {args.warmup}')
+    devices = args.devices or (['cpu', 'cuda'] if torch.cuda.is_available() else ['cpu'])
+    threads = args.threads or [torch.get_num_threads()]
+    load_before = load_average()
+    machine = machine_info()    # before set_num_threads: records the default thread count
+    rows = run(devices, threads, args.batch_sizes, args.batches, args.warmup, args.image_size)
+    meta = {'command': ' '.join(['python -m bench.inception_speed'] + [shlex.quote(a) for a in sys.argv[1:]]),
+            'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M'), 'machine': machine,
+            'load_average_before_after': [load_before, load_average()],
+            'dtype': DTYPE, 'image_size': args.image_size, 'batches': args.batches, 'warmup': args.warmup}
+    write_results(rows, meta)
+    print(f'wrote {RESULTS_DIR / "inception_speed.md"} and .json')
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())
