@@ -33,7 +33,7 @@ from utils.checkpoint import PathLike
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
-from utils.metrics import GaussianStats, class_probabilities, frechet_distance, gaussian_stats, inception_score, \
+from utils.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
     precision_recall
 
 log = logging.getLogger('viar')
@@ -353,14 +353,18 @@ def sample_inception_score(sample: BatchStats, network: InceptionFeatures,
 def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch.device] = 'auto',
              batch_size: int = DEFAULT_BATCH_SIZE, weights: Optional[PathLike] = None, *,
              network: Optional[InceptionFeatures] = None, cache: bool = True, is_shuffle_seed: Optional[int] = 0,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, fid_method: str = 'scipy') -> Dict[str, Any]:
     """ADM's five metrics of a sample batch against a reference batch.
 
     Returns {'inception_score', 'fid', 'sfid', 'precision', 'recall'} as floats; 'inception_score' is None when the
     weights have no logits, with the reason in 'inception_score_unavailable'. `weights` is a pytorch-fid-format
     file (None: the offline TorchScript network); a prebuilt `network` overrides `weights` and `device`.
     `is_shuffle_seed` seeds the shuffle before the IS splits (VIAR's evaluator shuffles unseeded); None: no shuffle.
+    `fid_method`: 'scipy' (ADM's sqrtm) or 'eigh' (same value in exact arithmetic, much faster on a CPU).
     """
+    if fid_method not in FRECHET_METHODS:
+        raise UserError(f'unknown Fréchet method {fid_method!r}; choose from {sorted(FRECHET_METHODS)}')
+    frechet = FRECHET_METHODS[fid_method]
     if batch_size < 1:
         raise UserError(f'--batch-size must be >= 1, got {batch_size}')
     ref, sample = open_batch(ref_path), open_batch(sample_path)    # validate both before the long part
@@ -382,8 +386,8 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     precision, recall = precision_recall(ref_pool, sample_pool)
     return {
         'inception_score': inception, 'inception_score_unavailable': why,
-        'fid': frechet_distance(sample_stats.fid, ref_stats.fid),
-        'sfid': frechet_distance(sample_stats.sfid, ref_stats.sfid),
+        'fid': frechet(sample_stats.fid, ref_stats.fid),
+        'sfid': frechet(sample_stats.sfid, ref_stats.sfid),
         'precision': precision, 'recall': recall,
     }
 
@@ -443,6 +447,9 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--is-shuffle', action=argparse.BooleanOptionalAction, default=True,
                         help='shuffle samples before the 5000-image IS splits (VIAR); --no-is-shuffle: ADM order')
     parser.add_argument('--progress', action=argparse.BooleanOptionalAction, default=True, help='show progress bars')
+    parser.add_argument('--fid-method', choices=sorted(FRECHET_METHODS), default='scipy',
+                        help="scipy: ADM's sqrtm; eigh: the same trace through symmetric eigendecompositions, exact "
+                             "in real arithmetic and 10-20x faster on a CPU")
     return parser
 
 
@@ -459,7 +466,7 @@ def main(args) -> int:
         raise UserError('give a reference batch and a sample batch (or one input with --save-stats OUT.npz)')
     results = evaluate(args.ref_batch, args.sample_batch, args.device, args.batch_size, args.inception,
                        cache=args.cache, is_shuffle_seed=args.is_seed if args.is_shuffle else None,
-                       progress=args.progress)
+                       progress=args.progress, fid_method=args.fid_method)
     for line in format_results(results):
         print(line)
     return 0

@@ -18,8 +18,8 @@ from utils.cli import UserError, run
 from utils.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
                              load_inception, load_offline_inception, preprocess, spatial_features,
                              state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
-from utils.metrics import (GaussianStats, class_probabilities, frechet_distance, gaussian_stats, inception_score,
-                           manifold_radii, precision_recall)
+from utils.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh, gaussian_stats,
+                           inception_score, manifold_radii, precision_recall)
 
 E2E_IMAGES = 40        # per batch; Inception runs at 3-7 images/s on 2 CPU cores
 E2E_SIZE = 32          # pixels; every image is resized to 299 anyway
@@ -29,15 +29,6 @@ IS_IMAGES = 4          # per batch, for the run with (random) logits (k = 3 need
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def eigh_frechet(a: GaussianStats, b: GaussianStats) -> float:
-    """Closed form via symmetric eigendecompositions: tr sqrtm(S1 S2) = sum sqrt eig(S1^1/2 S2 S1^1/2)."""
-    w, v = np.linalg.eigh(a.sigma)
-    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ b.sigma @ root), 0, None)).sum()
-    diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
-    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
 
 
 def psd_factor(sigma: np.ndarray) -> np.ndarray:
@@ -102,7 +93,7 @@ def e2e(tmp_path_factory, offline):
     np.savez(sample, arr_0=make_images(E2E_IMAGES, seed=1, noise=0.5))
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(evaluator, 'frechet_distance', low_rank_frechet)
+        mp.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
         code = run(evaluator.main, get_parser(), [str(ref), str(sample), '--device', 'cpu', '--batch-size',
                                                   str(E2E_IMAGES), '--no-progress'])
     return {'code': code, 'stdout': out.getvalue(), 'ref': ref, 'sample': sample, 'root': root}
@@ -138,7 +129,7 @@ def test_frechet_distance_matches_closed_forms():
     a, b = rng.standard_normal((6, 6)), rng.standard_normal((6, 6))
     g1 = GaussianStats(rng.standard_normal(6), a @ a.T + 0.1 * np.eye(6))
     g2 = GaussianStats(rng.standard_normal(6), b @ b.T + 0.1 * np.eye(6))
-    assert frechet_distance(g1, g2) == pytest.approx(eigh_frechet(g1, g2), rel=1e-9)
+    assert frechet_distance(g1, g2) == pytest.approx(frechet_distance_eigh(g1, g2), rel=1e-9)
     assert frechet_distance(g1, g2) == pytest.approx(frechet_distance(g2, g1), rel=1e-9)
 
 
@@ -148,7 +139,7 @@ def test_low_rank_closed_form_used_by_the_end_to_end_tests(samples):
     a = gaussian_stats(rng.standard_normal((samples, 24)))
     b = gaussian_stats(rng.standard_normal((samples + 3, 24)) * 1.5 + 0.3)
     assert psd_factor(a.sigma).shape == (min(samples - 1, 24), 24)
-    assert low_rank_frechet(a, b) == pytest.approx(eigh_frechet(a, b), rel=1e-7)
+    assert low_rank_frechet(a, b) == pytest.approx(frechet_distance_eigh(a, b), rel=1e-7)
     if samples > 24:
         assert low_rank_frechet(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-9)
 
@@ -456,7 +447,7 @@ def test_end_to_end_cli_on_two_npz_files(e2e):
 
 
 def test_same_set_scores_zero_fid_and_full_precision_recall_from_the_cache(e2e, offline, monkeypatch):
-    monkeypatch.setattr(evaluator, 'frechet_distance', low_rank_frechet)
+    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
     results = evaluate(e2e['ref'], e2e['ref'], network=NoForward(offline.weights_id), progress=False)
     assert abs(results['fid']) < 1e-6 * POOL_DIM and abs(results['sfid']) < 1e-6 * SPATIAL_DIM
     assert results['precision'] == 1.0 and results['recall'] == 1.0
@@ -505,7 +496,7 @@ def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
 
 
 def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluator, 'frechet_distance', low_rank_frechet)
+    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
     full = load_stats(cache_path(e2e['ref'], offline.weights_id))
     ref = tmp_path / 'ref_with_stats.npz'
     np.savez(ref, arr_0=np.load(e2e['ref'])['arr_0'][:PNG_IMAGES], mu=full.fid.mu + 1.0, sigma=full.fid.sigma,
@@ -521,7 +512,7 @@ def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp
 
 
 def test_inception_score_with_logits(random_network, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluator, 'frechet_distance', low_rank_frechet)
+    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
     np.savez(tmp_path / 'ref.npz', arr_0=make_images(IS_IMAGES, seed=2, noise=0.0))
     np.savez(tmp_path / 'sample.npz', arr_0=make_images(IS_IMAGES, seed=3, noise=0.3))
     network = random_network
@@ -532,3 +523,11 @@ def test_inception_score_with_logits(random_network, tmp_path, monkeypatch):
     expected = inception_score(probs, rng=np.random.default_rng(0))
     assert results['inception_score'] == expected and 1 <= expected <= NUM_CLASSES
     assert cache_path(tmp_path / 'sample.npz', network.weights_id).name.startswith('sample.npz.pytorch-fid-')
+
+
+def test_eigh_method_matches_scipy_on_a_full_rank_and_a_singular_pair():
+    rng = np.random.default_rng(3)
+    for n in (300, 20):  # 300 points in 40-d: full rank; 20 points: singular covariances
+        a = gaussian_stats(rng.standard_normal((n, 40)))
+        b = gaussian_stats(rng.standard_normal((n, 40)) * 1.5 + 0.3)
+        assert frechet_distance_eigh(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)

@@ -36,8 +36,9 @@ def test_prepare_image_folder(tmp_path):
     mtime = (root / DONE_FILE).stat().st_mtime
     prepare(tmp_path / 'out', size=32, raw_dir=str(raw))  # idempotent: nothing rewritten
     assert (root / DONE_FILE).stat().st_mtime == mtime
-    small = prepare(tmp_path / 'small', size=32, raw_dir=str(raw), per_class=1)
+    small = prepare(tmp_path / 'small', size=32, raw_dir=str(raw), per_class=1, val_per_class=2)
     assert sum(1 for _ in (small / 'train').rglob('*.png')) == 10
+    assert sum(1 for _ in (small / 'val').rglob('*.png')) == 20
 
 
 def test_errors(tmp_path, monkeypatch):

@@ -65,23 +65,26 @@ def to_rgb_padded(img_hw: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(out[:, :, None], 3, axis=2)
 
 
-def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_class: Optional[int] = None) -> Path:
-    """Write out_root/{train,val}/<class>/<index>.png once; later calls return at once. Returns out_root."""
+def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_class: Optional[int] = None,
+            val_per_class: Optional[int] = None) -> Path:
+    """Write out_root/{train,val}/<class>/<index>.png once (at most `per_class` / `val_per_class` images per class of
+    the train / val split; all by default); later calls return at once. Returns out_root."""
     out_root = Path(out_root)
     done = out_root / DONE_FILE
-    want = {'size': size, 'per_class': per_class}
+    want = {'size': size, 'per_class': per_class, 'val_per_class': val_per_class}
     if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in want} == want:
         return out_root
     raw = find_raw_dir(raw_dir)
     counts = {}
     for split, prefix in SPLITS.items():
+        limit = per_class if split == 'train' else val_per_class
         images, labels = read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
         for name in CLASS_NAMES:
             (out_root / split / name).mkdir(parents=True, exist_ok=True)
         taken = np.zeros(len(CLASS_NAMES), dtype=int)
         for i in tqdm(range(len(images)), desc=f'fashion-mnist {split}', unit='img', mininterval=1.0):
             c = int(labels[i])
-            if per_class is not None and taken[c] >= per_class:
+            if limit is not None and taken[c] >= limit:
                 continue
             Image.fromarray(to_rgb_padded(images[i], size)).save(out_root / split / CLASS_NAMES[c] / f'{i:05d}.png')
             taken[c] += 1
@@ -95,12 +98,14 @@ def get_parser() -> ArgumentParser:
     p.add_argument('--out', default='data/fashion_mnist', help='ImageFolder root to write')
     p.add_argument('--size', type=int, default=32, help='side of the written RGB images')
     p.add_argument('--raw_dir', default=None, help='folder with the idx .gz files (default: the Debian package)')
-    p.add_argument('--per_class', type=int, default=None, help='keep at most this many images per class and split')
+    p.add_argument('--per_class', type=int, default=None, help='keep at most this many training images per class')
+    p.add_argument('--val_per_class', type=int, default=None, help='keep at most this many val images per class')
     return p
 
 
 def main(args):
-    root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class)
+    root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class,
+                   val_per_class=args.val_per_class)
     print(f'Fashion-MNIST ImageFolder ready at {root}: {json.loads((root / DONE_FILE).read_text())["counts"]}')
 
 

@@ -64,6 +64,22 @@ def frechet_distance(a: GaussianStats, b: GaussianStats, eps: float = SQRTM_EPS)
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def frechet_distance_eigh(a: GaussianStats, b: GaussianStats) -> float:
+    """The same distance through symmetric eigendecompositions, tr sqrtm(S1 S2) = sum sqrt eig(S1^1/2 S2 S1^1/2).
+
+    Not ADM's numerics (scipy's sqrtm), but equal in exact arithmetic, robust for the singular covariances of small
+    sets, and 10-20x faster on a CPU (two 2048x2048 eigh instead of a Schur-based sqrtm): `--fid-method eigh`.
+    """
+    w, v = np.linalg.eigh(a.sigma)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root @ b.sigma @ root), 0, None)).sum()
+    diff = np.asarray(a.mu, np.float64) - np.asarray(b.mu, np.float64)
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * tr_covmean)
+
+
+FRECHET_METHODS = {'scipy': frechet_distance, 'eigh': frechet_distance_eigh}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Inception Score
 
