@@ -25,7 +25,8 @@ from utils.cli import ArgumentParser, UserError, main_entry
 from utils.images import save_png_atomic, to_uint8_hwc
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, resolve_device, schedule_from_args, subnet_from_args)
+                               load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
+                               subnet_from_args)
 
 log = logging.getLogger('viar')
 GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
@@ -54,20 +55,6 @@ def get_parser() -> ArgumentParser:
     e.add_argument('--edit_class', type=int, default=-1,
                    help='class for the generated part (-1: unconditional in-painting; CFG is then inert)')
     return p
-
-
-def parse_ids(spec: str, what: str) -> List[int]:
-    try:
-        if '-' in spec and ',' not in spec and not spec.startswith('-'):
-            lo, hi = (int(x) for x in spec.split('-'))
-            ids = list(range(lo, hi + 1))
-        else:
-            ids = [int(x) for x in spec.split(',') if x.strip()]
-    except ValueError:
-        raise UserError(f"cannot parse --{what} {spec!r}; use e.g. '3', '0-9' or '1,5'") from None
-    if not ids:
-        raise UserError(f'--{what} {spec!r} is empty')
-    return ids
 
 
 def load_source_image(path: str, size: int) -> torch.Tensor:
@@ -178,10 +165,7 @@ def main(args):
         shown = src.add(1).mul(0.5) * F.interpolate(keep[None, None].to(device), size=(size, size), mode='nearest')
         save_png_atomic(to_uint8_hwc(shown)[0], out_dir / 'source_kept.png')
     else:
-        classes = parse_ids(args.classes, 'classes')
-        bad = [c for c in classes if not 0 <= c < var.num_classes]
-        if bad:
-            raise UserError(f'class ids {bad[:5]} are out of range: the model has classes 0..{var.num_classes - 1}')
+        classes = parse_classes(args.classes, var.num_classes)
 
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]

@@ -13,7 +13,6 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import List
 
 import torch
 from tqdm import tqdm
@@ -25,7 +24,7 @@ from utils.cli import ArgumentParser, UserError, main_entry
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, schedule_from_args, subnet_from_args)
+                               load_from_args, parse_classes, schedule_from_args, subnet_from_args)
 
 log = logging.getLogger('viar')
 
@@ -43,28 +42,6 @@ def get_parser() -> ArgumentParser:
     g.add_argument('--name', default=None, help='run name (default: from checkpoint, cfg, schedule and seed)')
     g.add_argument('--no_npz', action='store_true', help='only write PNGs')
     return p
-
-
-def parse_classes(spec: str, num_classes: int) -> List[int]:
-    """'all' | 'A-B' (inclusive) | 'a,b,c' -> sorted list of distinct class ids, validated."""
-    try:
-        if spec == 'all':
-            classes = list(range(num_classes))
-        elif '-' in spec and ',' not in spec:
-            lo, hi = (int(x) for x in spec.split('-'))
-            classes = list(range(lo, hi + 1))
-        else:
-            classes = [int(x) for x in spec.split(',') if x.strip()]
-    except ValueError:
-        raise UserError(f"cannot parse --classes {spec!r}; use 'all', '0-99' or '1,5,9'") from None
-    if not classes:
-        raise UserError(f'--classes {spec!r} selects no class')
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        raise UserError(f'class ids {bad[:5]} are out of range: the model has classes 0..{num_classes - 1}')
-    if len(set(classes)) != len(classes):
-        raise UserError(f'--classes {spec!r} repeats a class')
-    return classes
 
 
 def run_name(args, var, schedule, subnet) -> str:

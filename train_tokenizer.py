@@ -199,8 +199,8 @@ class TokenizerTrainer:
 
         loss_value = dist.all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(loss_value):
-            raise UserError(f'the loss is {loss_value} at iteration {it + 1}; the last checkpoint is intact: lower --tblr '
-                            f'or try --fp16 2 (bf16), then resume')
+            raise UserError(f'the loss is {loss_value} at iteration {it + 1}; the last checkpoint is intact: '
+                            f'lower --tblr or try --fp16 2 (bf16), then resume')
         res = StepResult(loss_value, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]

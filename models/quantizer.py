@@ -246,7 +246,8 @@ class MultiScaleQuantizer(nn.Module):
             h_BChw = self.embedding(gt_ms_idx_Bl[si]).transpose(1, 2).reshape(B, C, pn, pn)
             f_hat.add_(self.phi(si)(F.interpolate(h_BChw, size=(HW, HW), mode='bicubic')))
             pn_next = self.v_patch_nums[si + 1]
-            next_scales.append(F.interpolate(f_hat, size=(pn_next, pn_next), mode='area').view(B, C, -1).transpose(1, 2))
+            pooled = F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')
+            next_scales.append(pooled.view(B, C, -1).transpose(1, 2))
         return torch.cat(next_scales, dim=1) if next_scales else None
 
     def get_next_autoregressive_input(self, si: int, SN: int, f_hat: torch.Tensor,

@@ -8,17 +8,13 @@ from PIL import Image
 import gen_img
 from utils.checkpoint import save_atomic
 from utils.cli import run
-from utils.loading import KIND_VAR, KIND_VQVAE, model_checkpoint
-from tests.conftest import make_vae, make_var
+from utils.loading import KIND_VAR, model_checkpoint
+from tests.conftest import make_vae, make_var, save_tiny_checkpoints
 
 
 @pytest.fixture(scope='module')
 def ckpt_args(tmp_path_factory):
-    d = tmp_path_factory.mktemp('ckpts')
-    var = make_var(use_implicit=True, pre_depth=1, post_depth=1)
-    vae = make_vae(patch_nums=var.patch_nums)
-    save_atomic(model_checkpoint(KIND_VAR, var, vae_config=vae.config.to_dict()), d / 'ar.pth')
-    save_atomic(model_checkpoint(KIND_VQVAE, vae), d / 'vae.pth')
+    d = save_tiny_checkpoints(tmp_path_factory.mktemp('ckpts'))
     return ['--ckpt', str(d / 'ar.pth'), '--vae_ckpt', str(d / 'vae.pth'), '--top_k', '10', '--schedule', 'const:3']
 
 

@@ -21,7 +21,8 @@ def _var_config(cfg, name) -> VARConfig:
     return VARConfig(depth=c['depth'], embed_dim=c['embed_dim'], num_heads=c['num_heads'],
                      num_classes=c['num_classes'], patch_nums=tuple(cfg['vae']['patch_nums']),
                      vocab_size=cfg['vae']['vocab_size'], Cvae=cfg['vae']['z_channels'], shared_aln=c['shared_aln'],
-                     attn_l2_norm=c['attn_l2_norm'], norm_eps=c.get('norm_eps', cfg['var']['norm_eps']), use_implicit=name == 'viar',
+                     attn_l2_norm=c['attn_l2_norm'], norm_eps=c.get('norm_eps', cfg['var']['norm_eps']),
+                     use_implicit=name == 'viar',
                      pre_depth=c.get('pre_depth', 5), post_depth=c.get('post_depth', 5), cond_drop_rate=0.0)
 
 

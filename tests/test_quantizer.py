@@ -16,7 +16,8 @@ def test_phi_index_released_table():
     assert [phi_index(si, 3, 3) for si in range(3)] == [0, 1, 2]
 
 
-@pytest.mark.parametrize('share,expected', [(0, 'quantize.quant_resi.0.weight'), (1, 'quantize.quant_resi.qresi.weight'),
+@pytest.mark.parametrize('share,expected', [(0, 'quantize.quant_resi.0.weight'),
+                                            (1, 'quantize.quant_resi.qresi.weight'),
                                             (4, 'quantize.quant_resi.qresi_ls.3.weight')])
 def test_phi_sharing_key_layouts(share, expected):
     vae = build_vqvae(VQVAEConfig(share_quant_resi=share, ch=32, vocab_size=16, z_channels=8), 'meta')

@@ -9,21 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from utils.checkpoint import save_atomic
-from utils.loading import KIND_VAR, KIND_VQVAE, model_checkpoint
-from tests.conftest import ROOT, make_vae, make_var
+from tests.conftest import ROOT, save_tiny_checkpoints
 
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
 
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
-    d = tmp_path_factory.mktemp('ckpts')
-    var = make_var(use_implicit=True, pre_depth=1, post_depth=1)
-    vae = make_vae(patch_nums=var.patch_nums)
-    save_atomic(model_checkpoint(KIND_VAR, var, vae_config=vae.config.to_dict()), d / 'ar.pth')
-    save_atomic(model_checkpoint(KIND_VQVAE, vae), d / 'vae.pth')
-    return d
+    return save_tiny_checkpoints(tmp_path_factory.mktemp('ckpts'))
 
 
 def _args(ckpts, out, *extra):

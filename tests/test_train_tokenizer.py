@@ -46,7 +46,8 @@ def test_reconstruction_improves_and_codes_stay_used(images, tmp_path, capsys):
     assert set(torch.load(out / 'vae-best.pth', weights_only=True)) == set(vae.state_dict())
     # A bare state dict does not store its scales: train.py and --init_from take them as --pn.
     ar = ['--data_path', str(images), '--out_dir', str(tmp_path / 'ar'), '--depth', '1', '--embed_dim', '64',
-          '--num_heads', '1', '--bs', '8', '--workers', '0', '--max_steps', '1', '--vae_ckpt', str(out / 'vae-best.pth')]
+          '--num_heads', '1', '--bs', '8', '--workers', '0', '--max_steps', '1',
+          '--vae_ckpt', str(out / 'vae-best.pth')]
     assert run(train.main, train.get_parser(), ar) == 2
     assert '--pn' in capsys.readouterr().err
     assert run(train.main, train.get_parser(), [*ar, '--pn', '1_2_3_8']) == 0

@@ -1,7 +1,7 @@
 """Command-line pieces shared by sampling.py, gen_img.py and the benchmarks: model loading and sampling knobs."""
 import argparse
 import contextlib
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -111,6 +111,32 @@ def subnet_from_args(args, var: VAR) -> Optional[SubnetSpec]:
         raise UserError(f'--bridge must be >= 0 scales, got {args.bridge}')
     equidistant_subnet(var.depth, args.subnet_depth)
     return SubnetSpec(args.subnet_depth, args.bridge, args.subnet_selection)
+
+
+def parse_ids(spec: str, what: str) -> List[int]:
+    """'A-B' (inclusive) | 'a,b,c' -> list of ints, or a one-line error naming the flag."""
+    try:
+        if '-' in spec and ',' not in spec and not spec.startswith('-'):
+            lo, hi = (int(x) for x in spec.split('-'))
+            ids = list(range(lo, hi + 1))
+        else:
+            ids = [int(x) for x in spec.split(',') if x.strip()]
+    except ValueError:
+        raise UserError(f"cannot parse --{what} {spec!r}; use e.g. '3', '0-9' or '1,5'") from None
+    if not ids:
+        raise UserError(f'--{what} {spec!r} selects nothing')
+    return ids
+
+
+def parse_classes(spec: str, num_classes: int) -> List[int]:
+    """'all' or `parse_ids` syntax -> distinct class ids, each checked against the model's classes."""
+    classes = list(range(num_classes)) if spec == 'all' else parse_ids(spec, 'classes')
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise UserError(f'class ids {bad[:5]} are out of range: the model has classes 0..{num_classes - 1}')
+    if len(set(classes)) != len(classes):
+        raise UserError(f'--classes {spec!r} repeats a class')
+    return classes
 
 
 def check_knobs(args):
