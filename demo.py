@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
 import torch
 
 import evaluator
@@ -25,12 +26,13 @@ import train_tokenizer
 from models import num_params
 from utils.cli import ArgumentParser, UserError, main_entry, run
 from utils.fashion_mnist import CLASS_NAMES, prepare
-from utils.images import load_png_rgb, write_npz_stream
-from utils.loading import load_models
+from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
+from utils.loading import load_models, load_vae
 from utils.log import setup_logging
 
 log = logging.getLogger('viar')
 TOKENIZER_PRESET, MODEL_PRESET = 'vae-demo-fmnist32', 'viar-demo'
+RECONSTRUCTION_ROW = 'tokenizer reconstructions'
 IMAGE_SIZE = 32
 
 
@@ -106,6 +108,21 @@ def reference_npz(data_root: Path, out: Path) -> Path:
     return path
 
 
+def reconstructions_npz(reference: Path, vae_ckpt: Path, out: Path) -> Path:
+    """The tokenizer's reconstructions of the reference images: the quality ceiling of anything generated."""
+    path = out / 'reconstructions.npz'
+    if path.is_file() and path.stat().st_mtime > vae_ckpt.stat().st_mtime:
+        return path
+    vae = load_vae(vae_ckpt)
+    with np.load(reference) as f:
+        images = f['arr_0']
+    with torch.inference_mode():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+        rec = torch.cat([vae.img_to_reconstructed_img(chunk, last_one=True) for chunk in x.split(100)])
+    write_npz_stream(path, to_uint8_hwc(rec.add(1).mul(0.5)), len(rec), images.shape[1:])
+    return path
+
+
 def sample_args(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str) -> List[str]:
     return ['--ckpt', str(ckpt), '--vae_ckpt', str(vae_ckpt), '--cfg', str(plan.cfg), '--top_k', str(plan.top_k),
             '--top_p', str(plan.top_p), '--schedule', schedule, '--device', 'cpu']
@@ -141,13 +158,13 @@ def plot_losses(tokenizer_log: Path, model_log: Path, png: Path):
     plt.close(fig)
 
 
-def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, n: int = 50) -> Dict[str, float]:
+def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50) -> Dict[str, float]:
     """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up)."""
     from models.sampler import autoregressive_infer_cfg, image_seed
     from models.schedules import parse_schedule
     vae, var = load_models(ckpt, vae_ckpt)
     labels = torch.arange(n) % var.num_classes
-    kw = dict(cfg=2.0, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)])
+    kw = dict(cfg=cfg, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)])
     autoregressive_infer_cfg(var, 4, labels[:4], **{**kw, 'image_seeds': kw['image_seeds'][:4]})
     stats = {}
     t0 = time.perf_counter()
@@ -167,17 +184,21 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
              f'One row per class ({", ".join(CLASS_NAMES)}), {plan.grid_seeds} seeds each, schedule '
              f'`{plan.schedules[0]}`, cfg {plan.cfg}.', '',
              '## Metrics', '',
-             f'{plan.samples_per_class * 10} generated images against the {data_counts.get("val")} validation images '
-             '(ADM protocol, offline Inception weights). With so few images FID/sFID carry a large estimation bias; '
-             'compare them between runs of this demo, not with ImageNet numbers.', '',
+             f'{plan.samples_per_class * 10} generated images per schedule against the {data_counts.get("val")} '
+             'validation images (ADM protocol, offline Inception weights). The first row scores the tokenizer\'s own '
+             'reconstructions of those validation images: no generator can beat its tokenizer, so that row is the '
+             'ceiling. With so few images FID/sFID carry a large estimation bias; compare numbers within this table, '
+             'not with ImageNet results.', '',
              '| schedule | iterations per scale | FID | sFID | precision | recall | Inception Score | images/s | '
              'KV cache (MiB) |', '|---|---|---|---|---|---|---|---|---|']
     for sched, m in metrics.items():
         s = speed.get(sched, {})
         inception = f'{m["inception_score"]:.2f}' if m['inception_score'] is not None else 'unavailable*'
-        lines.append(f'| `{sched}` | {",".join(map(str, s.get("iters_per_scale", [])))} | {m["fid"]:.2f} | '
-                     f'{m["sfid"]:.2f} | {m["precision"]:.3f} | {m["recall"]:.3f} | {inception} | '
-                     f'{s.get("images_per_s", float("nan")):.1f} | {s.get("kv_cache_MiB", float("nan")):.2f} |')
+        label = f'`{sched}`' if sched in speed else f'{sched} (ceiling)'
+        iters = ','.join(map(str, s['iters_per_scale'])) if s else '-'
+        speed_cells = f'{s["images_per_s"]:.1f} | {s["kv_cache_MiB"]:.2f}' if s else '- | -'
+        lines.append(f'| {label} | {iters} | {m["fid"]:.2f} | {m["sfid"]:.2f} | {m["precision"]:.3f} | '
+                     f'{m["recall"]:.3f} | {inception} | {speed_cells} |')
     if any(m['inception_score'] is None for m in metrics.values()):
         reason = next(m['inception_score_unavailable'] for m in metrics.values() if m['inception_score'] is None)
         lines += ['', f'\\* {reason}']
@@ -218,7 +239,7 @@ def main(args):
               '--device', 'cpu', '--save_freq', '1', '--log_freq', '10' if args.quick else '20']
     stages.run('train the tokenizer', call_cli, train_tokenizer, common + [
         '--preset', TOKENIZER_PRESET, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
-        '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
+        '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
     vae_ckpt = tok_dir / 'vae-ckpt-last.pth'
     stages.run('train VIAR', call_cli, train, common + [
         '--vae_ckpt', str(vae_ckpt), '--preset', MODEL_PRESET, '--ep', str(plan.model_epochs),
@@ -246,7 +267,8 @@ def main(args):
 
     def evaluate_all():
         ref = reference_npz(root, out)
-        results = {}
+        results = {RECONSTRUCTION_ROW: evaluator.evaluate(ref, reconstructions_npz(ref, vae_ckpt, out), device='cpu',
+                                                          fid_method='eigh')}
         for sched in plan.schedules:
             npz = out / 'samples' / f'{sched.replace(":", "_").replace(",", "-")}.npz'
             results[sched] = evaluator.evaluate(ref, npz, device='cpu', fid_method='eigh')
@@ -254,7 +276,7 @@ def main(args):
         return results
     metrics = stages.run('evaluate FID / sFID / precision / recall', evaluate_all)
     speed = stages.run('measure sampling speed per schedule',
-                       lambda: {s: measure_speed(ckpt, vae_ckpt, s, n=10 if args.quick else 50)
+                       lambda: {s: measure_speed(ckpt, vae_ckpt, s, plan.cfg, n=10 if args.quick else 50)
                                 for s in plan.schedules})
 
     plot_losses(tok_dir / 'log.txt', model_dir / 'log.txt', out / 'loss_curves.png')

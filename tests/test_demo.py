@@ -1,0 +1,38 @@
+"""The CPU demo in --quick mode end to end, on synthetic Fashion-MNIST-format idx files (no apt needed)."""
+import json
+
+import numpy as np
+from PIL import Image
+
+import demo
+from utils.cli import run
+from tests.test_fashion_mnist import _write_idx
+
+
+def test_quick_demo_end_to_end(tmp_path, monkeypatch):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    _write_idx(raw, 'train', 400, 0)
+    _write_idx(raw, 't10k', 40, 1)
+    out, data = tmp_path / 'out', tmp_path / 'data'
+    argv = ['--quick', '--out', str(out), '--data', str(data), '--raw_dir', str(raw)]
+    assert run(demo.main, demo.get_parser(), argv) == 0
+
+    report = (out / 'report.md').read_text()
+    for picture in ('samples_grid.png', 'loss_curves.png', 'convergence.png'):
+        assert f']({picture})' in report
+        assert Image.open(out / picture).size[0] > 0
+    results = json.loads((out / 'metrics.json').read_text())
+    schedules = list(demo.QUICK.schedules)
+    assert list(results['metrics']) == [demo.RECONSTRUCTION_ROW] + schedules
+    for m in results['metrics'].values():
+        assert np.isfinite([m['fid'], m['sfid']]).all() and 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
+        assert m['inception_score'] is None and 'logits' in m['inception_score_unavailable']
+    assert set(results['speed']) == set(schedules) and all(s['images_per_s'] > 0 for s in results['speed'].values())
+    assert set(results['times']) >= {'train the tokenizer', 'train VIAR', 'evaluate FID / sFID / precision / recall'}
+    grid = Image.open(out / 'samples_grid.png')
+    assert grid.size == (demo.QUICK.grid_seeds * 34 + 2, 10 * 34 + 2)  # 32px images, 2px padding, 10 class rows
+
+    # Re-running reuses every finished stage and rewrites the same report sections.
+    assert run(demo.main, demo.get_parser(), argv) == 0
+    assert json.loads((out / 'metrics.json').read_text())['metrics'] == results['metrics']
