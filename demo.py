@@ -96,6 +96,38 @@ def call_cli(module, argv: List[str], what: str):
     setup_logging(0)  # the tools reconfigure logging; restore the demo's
 
 
+def common_train_args(root: Path, plan: DemoPlan, seed: int, quick: bool) -> List[str]:
+    return ['--data_path', str(root), '--bs', str(plan.batch_size), '--seed', str(seed), '--workers', '1',
+            '--device', 'cpu', '--save_freq', '1', '--log_freq', '10' if quick else '20']
+
+
+def train_tokenizer_stage(root: Path, tok_dir: Path, plan: DemoPlan, seed: int, quick: bool) -> Path:
+    """train_tokenizer.py with the demo preset; returns the checkpoint (a finished run is reused)."""
+    call_cli(train_tokenizer, common_train_args(root, plan, seed, quick) + [
+        '--preset', TOKENIZER_PRESET, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
+        '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
+    return tok_dir / 'vae-ckpt-last.pth'
+
+
+def train_model_stage(root: Path, model_dir: Path, vae_ckpt: Path, plan: DemoPlan, seed: int, quick: bool,
+                      preset: str, extra_args, token_cache: Path) -> Path:
+    """train.py on the tokenizer's pyramids; returns the checkpoint (a finished run is reused)."""
+    call_cli(train, common_train_args(root, plan, seed, quick) + [
+        '--vae_ckpt', str(vae_ckpt), '--preset', preset, '--ep', str(plan.model_epochs), '--tblr', str(plan.model_lr),
+        '--token_cache', str(token_cache), '--out_dir', str(model_dir), *extra_args], f'{preset} training')
+    return model_dir / 'ar-ckpt-last.pth'
+
+
+def sample_set(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str, sample_dir: Path, seed: int,
+               extra_args=(), name: str = '') -> Path:
+    """sampling.py: plan.samples_per_class images of every class; returns the .npz (finished sets are reused)."""
+    name = name or schedule.replace(':', '_').replace(',', '-')
+    call_cli(sampling, sample_args(ckpt, vae_ckpt, plan, schedule) + [
+        '--per_class', str(plan.samples_per_class), '--batch_size', '50', '--seed', str(seed),
+        '--sample_dir', str(sample_dir), '--name', name, *extra_args], f'sampling ({name})')
+    return sample_dir / f'{name}.npz'
+
+
 def reference_npz(data_root: Path, out: Path) -> Path:
     """The validation images as an ADM reference batch (uint8 NHWC .npz), written once."""
     path = out / 'reference.npz'
@@ -158,13 +190,15 @@ def plot_losses(tokenizer_log: Path, model_log: Path, png: Path):
     plt.close(fig)
 
 
-def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50) -> Dict[str, float]:
+def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50,
+                  kv_policy: str = 'per_iteration') -> Dict[str, float]:
     """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up)."""
     from models.sampler import autoregressive_infer_cfg, image_seed
     from models.schedules import parse_schedule
     vae, var = load_models(ckpt, vae_ckpt)
     labels = torch.arange(n) % var.num_classes
-    kw = dict(cfg=cfg, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)])
+    kw = dict(cfg=cfg, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)],
+              kv_policy=kv_policy)
     autoregressive_infer_cfg(var, 4, labels[:4], **{**kw, 'image_seeds': kw['image_seeds'][:4]})
     stats = {}
     t0 = time.perf_counter()
@@ -235,17 +269,9 @@ def main(args):
     data_counts = json.loads((root / 'prepared.json').read_text())['counts']
 
     tok_dir, model_dir = out / 'tokenizer', out / 'viar'
-    common = ['--data_path', str(root), '--bs', str(plan.batch_size), '--seed', str(args.seed), '--workers', '1',
-              '--device', 'cpu', '--save_freq', '1', '--log_freq', '10' if args.quick else '20']
-    stages.run('train the tokenizer', call_cli, train_tokenizer, common + [
-        '--preset', TOKENIZER_PRESET, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
-        '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
-    vae_ckpt = tok_dir / 'vae-ckpt-last.pth'
-    stages.run('train VIAR', call_cli, train, common + [
-        '--vae_ckpt', str(vae_ckpt), '--preset', MODEL_PRESET, '--ep', str(plan.model_epochs),
-        '--tblr', str(plan.model_lr), '--token_cache', str(out / 'token_cache'), '--out_dir', str(model_dir),
-        *plan.extra_train_args], 'VIAR training')
-    ckpt = model_dir / 'ar-ckpt-last.pth'
+    vae_ckpt = stages.run('train the tokenizer', train_tokenizer_stage, root, tok_dir, plan, args.seed, args.quick)
+    ckpt = stages.run('train VIAR', train_model_stage, root, model_dir, vae_ckpt, plan, args.seed, args.quick,
+                      MODEL_PRESET, plan.extra_train_args, out / 'token_cache')
 
     grid_dir = out / 'grid'
     stages.run('sample the grid and trace the implicit layer', call_cli, gen_img, sample_args(
@@ -257,20 +283,14 @@ def main(args):
         '--classes', '0-9', '--seeds', '0', '--trace', '--out_dir', str(trace_dir)], 'convergence trace')
     (out / 'convergence.png').write_bytes((trace_dir / 'trace.png').read_bytes())
 
-    def sample_sets():
-        for sched in plan.schedules:
-            call_cli(sampling, sample_args(ckpt, vae_ckpt, plan, sched) + [
-                '--per_class', str(plan.samples_per_class), '--batch_size', '50', '--seed', str(args.seed),
-                '--sample_dir', str(out / 'samples'), '--name', sched.replace(':', '_').replace(',', '-')],
-                f'sampling ({sched})')
-    stages.run('sample images for the metrics', sample_sets)
+    npzs = stages.run('sample images for the metrics', lambda: {
+        s: sample_set(ckpt, vae_ckpt, plan, s, out / 'samples', args.seed) for s in plan.schedules})
 
     def evaluate_all():
         ref = reference_npz(root, out)
         results = {RECONSTRUCTION_ROW: evaluator.evaluate(ref, reconstructions_npz(ref, vae_ckpt, out), device='cpu',
                                                           fid_method='eigh')}
-        for sched in plan.schedules:
-            npz = out / 'samples' / f'{sched.replace(":", "_").replace(",", "-")}.npz'
+        for sched, npz in npzs.items():
             results[sched] = evaluator.evaluate(ref, npz, device='cpu', fid_method='eigh')
             log.info(f'[demo] {sched}: ' + ', '.join(evaluator.format_results(results[sched])))
         return results

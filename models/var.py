@@ -374,4 +374,8 @@ VAR_PRESETS: Dict[str, VARConfig] = {
                            vocab_size=256, Cvae=16, init_adaln_gamma=1e-3, use_implicit=True, pre_depth=1,
                            post_depth=1, implicit_no_grad_iters=(0, 3), implicit_grad_iters=(1, 3),
                            implicit_eval_iters=3),
+    # Its explicit counterpart for the reproduction benchmark: same width, 9 blocks, so viar-demo has 39 % of its
+    # parameters (the paper's VIAR has 38.4 % of VAR-d30's).
+    'var-demo': VARConfig(depth=9, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 4, 6, 8),
+                          vocab_size=256, Cvae=16, init_adaln_gamma=1e-3),
 }
