@@ -29,6 +29,7 @@ from utils.fashion_mnist import CLASS_NAMES, prepare
 from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
 from utils.loading import load_models, load_vae
 from utils.log import setup_logging
+from utils.plots import plot_training_curves
 
 log = logging.getLogger('viar')
 TOKENIZER_PRESET, MODEL_PRESET = 'vae-demo-fmnist32', 'viar-demo'
@@ -160,36 +161,6 @@ def sample_args(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str) -> Li
             '--top_p', str(plan.top_p), '--schedule', schedule, '--device', 'cpu']
 
 
-def plot_losses(tokenizer_log: Path, model_log: Path, png: Path):
-    """Training curves from the JSON-lines logs: tokenizer reconstruction/VQ loss and code usage, VIAR loss."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    def series(path: Path, key: str):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for key, label in (('loss/rec_l2', 'reconstruction (L2)'), ('loss/vq', 'VQ')):
-        axes[0].plot(*series(tokenizer_log, key), label=label)
-    axes[0].set(title='tokenizer losses', xlabel='iteration', yscale='log')
-    axes[0].legend()
-    axes[1].plot(*series(tokenizer_log, 'codes/used_pct'))
-    axes[1].set(title='tokenizer codes in use (%)', xlabel='iteration', ylim=(0, 105))
-    for key, label in (('train/L_mean', 'train, all scales'), ('train/L_tail', 'train, last scale'),
-                       ('val/L_mean', 'val, all scales')):
-        xs, ys = series(model_log, key)
-        if xs:
-            axes[2].plot(xs, ys, marker='o' if key.startswith('val') else None, label=label)
-    axes[2].set(title='VIAR cross-entropy', xlabel='iteration')
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
 def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50,
                   kv_policy: str = 'per_iteration') -> Dict[str, float]:
     """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up)."""
@@ -299,7 +270,7 @@ def main(args):
                        lambda: {s: measure_speed(ckpt, vae_ckpt, s, plan.cfg, n=10 if args.quick else 50)
                                 for s in plan.schedules})
 
-    plot_losses(tok_dir / 'log.txt', model_dir / 'log.txt', out / 'loss_curves.png')
+    plot_training_curves(tok_dir / 'log.txt', model_dir / 'log.txt', out / 'loss_curves.png')
     vae, var = load_models(ckpt, vae_ckpt)
     params = {'tokenizer': num_params(vae), 'model': num_params(var)}
     (out / 'metrics.json').write_text(json.dumps({'metrics': metrics, 'speed': speed, 'times': stages.times,

@@ -8,10 +8,9 @@
 One image per (class, seed); an image's randomness depends only on its seed (for one image this reproduces the
 official gen_img.py with the same seed). Outputs go to --out_dir (gen_images/ by default).
 """
-import json
 import logging
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from models.sampler import autoregressive_infer_cfg, make_edit_spec
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.images import save_png_atomic, to_uint8_hwc
 from utils.log import setup_logging
+from utils.plots import write_trace
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
                                load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
                                subnet_from_args)
@@ -95,28 +95,6 @@ def region_mask(args, grid: int) -> torch.Tensor:
     return F.interpolate(torch.from_numpy(arr)[None, None], size=(grid, grid), mode='area')[0, 0].gt(0.5).float()
 
 
-def save_trace(trace: Dict[int, List[dict]], patch_nums, out_dir: Path):
-    """trace.json and a two-panel plot (relative residual, cosine similarity vs iteration, one line per scale)."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    data = {f'scale_{si}_{pn}x{pn}': trace.get(si, []) for si, pn in enumerate(patch_nums)}
-    (out_dir / 'trace.json').write_text(json.dumps(data, indent=1))
-    fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
-    for si, pn in enumerate(patch_nums):
-        steps = trace.get(si, [])
-        if steps:
-            its = [s['it'] + 1 for s in steps]
-            ax_r.semilogy(its, [max(s['residual'], 1e-12) for s in steps], marker='.', label=f'{pn}x{pn}')
-            ax_c.plot(its, [s['cosine'] for s in steps], marker='.', label=f'{pn}x{pn}')
-    ax_r.set(xlabel='iteration', ylabel='||z_{t+1} - z_t|| / ||z_t||', title='relative residual')
-    ax_c.set(xlabel='iteration', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity')
-    ax_r.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out_dir / 'trace.png', dpi=120)
-    plt.close(fig)
-
-
 def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: List[int], seeds: List[int],
              edit=None, trace: Optional[dict] = None) -> torch.Tensor:
     """All requested images, in batches; returns (N, 3, H, W) in [0, 1] on the CPU."""
@@ -183,7 +161,7 @@ def main(args):
         if not var.use_implicit:
             log.info('--trace: an explicit VAR has no fixed-point iterations to trace')
         else:
-            save_trace(trace, var.patch_nums, out_dir)
+            write_trace(trace, var.patch_nums, out_dir / 'trace.json', out_dir / 'trace.png')
     log.info(f'wrote {len(labels)} images to {out_dir}/')
 
 

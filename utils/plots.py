@@ -1,0 +1,58 @@
+"""Plots shared by the CLIs, the demo and the benchmarks (matplotlib, drawn off-screen)."""
+import json
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+MIN_RESIDUAL = 1e-12  # floor for the log axis
+
+
+def write_trace(trace: Dict[int, List[dict]], patch_nums: Sequence[int], json_path: Path, png_path: Path):
+    """A fixed-point trace ({scale: [{'it', 'residual', 'cosine'}, ...]}) as JSON and as the paper's Fig. 3: relative
+    residual and cosine similarity against the iteration, one line per scale."""
+    data = {f'scale_{si}_{pn}x{pn}': trace.get(si, []) for si, pn in enumerate(patch_nums)}
+    Path(json_path).write_text(json.dumps(data, indent=1))
+    fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
+    for si, pn in enumerate(patch_nums):
+        steps = trace.get(si, [])
+        if steps:
+            its = [s['it'] + 1 for s in steps]
+            ax_r.semilogy(its, [max(s['residual'], MIN_RESIDUAL) for s in steps], marker='.', label=f'{pn}x{pn}')
+            ax_c.plot(its, [s['cosine'] for s in steps], marker='.', label=f'{pn}x{pn}')
+    ax_r.set(xlabel='iteration', ylabel='||z_{t+1} - z_t|| / ||z_t||', title='relative residual')
+    ax_c.set(xlabel='iteration', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity')
+    ax_r.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training_curves(tokenizer_log: Path, model_log: Path, png: Path):
+    """Curves from the trainers' JSON-lines logs: tokenizer losses and code usage, the transformer's loss."""
+
+    def series(path: Path, key: str):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pts = [(r['step'], r[key]) for r in rows if r.get(key) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for key, label in (('loss/rec_l2', 'reconstruction (L2)'), ('loss/vq', 'VQ')):
+        axes[0].plot(*series(tokenizer_log, key), label=label)
+    axes[0].set(title='tokenizer losses', xlabel='iteration', yscale='log')
+    axes[0].legend()
+    axes[1].plot(*series(tokenizer_log, 'codes/used_pct'))
+    axes[1].set(title='tokenizer codes in use (%)', xlabel='iteration', ylim=(0, 105))
+    for key, label in (('train/L_mean', 'train, all scales'), ('train/L_tail', 'train, last scale'),
+                       ('val/L_mean', 'val, all scales')):
+        xs, ys = series(model_log, key)
+        if xs:
+            axes[2].plot(xs, ys, marker='o' if key.startswith('val') else None, label=label)
+    axes[2].set(title='cross-entropy', xlabel='iteration')
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
