@@ -8,7 +8,7 @@ import torch
 # Never decayed: every 1-D tensor, every bias, and parameters whose names contain one of these (official list).
 NO_WEIGHT_DECAY_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
                         'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul')
-SCHEDULES = ('lin0', 'lin', 'lin00', 'cos', 'exp')
+SCHEDULES = ('lin0', 'lin', 'lin00', 'cos', 'exp', 'const')
 # Fraction of the post-warmup run held at the peak lr by 'lin0' and by 'lin'/'exp'.
 LIN0_FLAT, LIN_FLAT = 0.05, 0.15
 
@@ -29,11 +29,13 @@ def param_groups(model: torch.nn.Module) -> Tuple[List[Dict], Dict[str, int]]:
 def lr_factor(it: int, warmup_iters: int, max_iters: int, schedule: str = 'lin0', warmup_start: float = 0.005,
               final: float = 0.01) -> float:
     """Multiplier of the peak lr at iteration `it`: linear warmup from `warmup_start`, then `schedule` down to `final`
-    at the last iteration ('lin0': flat for 5% of the rest, then linear)."""
+    at the last iteration ('lin0': flat for 5% of the rest, then linear; 'const': the peak lr after warmup)."""
     if it < warmup_iters:
         return warmup_start + (1 - warmup_start) * it / warmup_iters
     progress = (it - warmup_iters) / max(max_iters - 1 - warmup_iters, 1)
     rest = 1 - progress
+    if schedule == 'const':
+        return 1.0
     if schedule == 'cos':
         return final + (1 - final) * (0.5 + 0.5 * math.cos(math.pi * progress))
     if schedule == 'lin00':

@@ -54,14 +54,18 @@ def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, ba
     o.add_argument('--base_lr', '--tblr', type=float, default=base_lr,
                    help=f'lr per {IMAGES_PER_BASE_LR} images: peak lr = ac x tblr x global batch / '
                         f'{IMAGES_PER_BASE_LR}')
+    o.add_argument('--lr', '--tlr', type=float,
+                   help='the peak lr itself, instead of scaling --tblr by the batch (official --tlr)')
     o.add_argument('--weight_decay', '--twd', type=float, default=weight_decay)
     o.add_argument('--weight_decay_end', '--twde', type=float, help='weight decay at the end of its cosine ramp '
                                                                     '(default: --twd)')
     o.add_argument('--grad_clip', '--tclip', type=float, default=grad_clip, help='max gradient norm (0: no clipping)')
-    o.add_argument('--warmup_epochs', '--wp', type=float, default=0.0, help=f'0: epochs / {WARMUP_EPOCH_DIVISOR}')
+    o.add_argument('--warmup_epochs', '--wp', type=float, default=0.0,
+                   help=f"0: epochs / {WARMUP_EPOCH_DIVISOR} (none for --sche const)")
     o.add_argument('--warmup_start', '--wp0', type=float, default=0.005, help='lr factor when warmup starts')
     o.add_argument('--lr_end', '--wpe', type=float, default=lr_end, help='lr factor at the last iteration')
-    o.add_argument('--schedule', '--sche', choices=SCHEDULES, default=schedule, help='lr schedule after warmup')
+    o.add_argument('--schedule', '--sche', choices=SCHEDULES, default=schedule,
+                   help="lr schedule after warmup ('const': the peak lr throughout, e.g. for fine-tuning)")
     o.add_argument('--betas', type=float, nargs=2, default=tuple(betas), help='AdamW betas')
     o.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='fp16 (with GradScaler) or bf16 autocast on CUDA; the CPU always trains in fp32')
@@ -128,11 +132,13 @@ class Plan:
     workers: int
 
     def describe(self, args) -> str:
+        lr_from = '(--tlr)' if args.lr is not None else \
+            f'= {self.accum} x {args.base_lr:g} x {self.micro_batch} / {IMAGES_PER_BASE_LR}'
         return (f'global batch {self.micro_batch * self.accum} = {self.world} rank(s) x {self.local_batch} x '
-                f'{self.accum} accumulation | peak lr {self.peak_lr:.4g} = {self.accum} x {args.base_lr:g} x '
-                f'{self.micro_batch} / {IMAGES_PER_BASE_LR} | {self.iters_per_epoch} it/epoch, {self.max_iters} it '
-                f'in {args.epochs} epochs, warmup {self.warmup_iters} it | wd {args.weight_decay:g} -> '
-                f'{self.wd_end:g} | {self.precision} | {self.workers} data worker(s) per rank')
+                f'{self.accum} accumulation | peak lr {self.peak_lr:.4g} {lr_from}, {args.schedule} | '
+                f'{self.iters_per_epoch} it/epoch, {self.max_iters} it in {args.epochs} epochs, warmup '
+                f'{self.warmup_iters} it | wd {args.weight_decay:g} -> {self.wd_end:g} | {self.precision} | '
+                f'{self.workers} data worker(s) per rank')
 
 
 def derive_plan(args, world: int, num_images: int, device_type: str) -> Plan:
@@ -146,11 +152,12 @@ def derive_plan(args, world: int, num_images: int, device_type: str) -> Plan:
         log.warning('--bs %d is not divisible by %d rank(s) x --ac %d: training with %d images per step',
                     args.batch_size, world, args.accum, micro * args.accum)
     iters = math.ceil(num_images / micro)
-    warmup_epochs = args.warmup_epochs or args.epochs / WARMUP_EPOCH_DIVISOR
+    default_warmup = 0.0 if args.schedule == 'const' else args.epochs / WARMUP_EPOCH_DIVISOR
+    warmup_epochs = args.warmup_epochs or default_warmup
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     workers = args.workers if args.workers >= 0 else min(AUTO_WORKERS_MAX, (os.cpu_count() or 1) // local_world)
     return Plan(world=world, accum=args.accum, local_batch=local, micro_batch=micro,
-                peak_lr=args.accum * args.base_lr * micro / IMAGES_PER_BASE_LR,
+                peak_lr=args.lr if args.lr is not None else args.accum * args.base_lr * micro / IMAGES_PER_BASE_LR,
                 iters_per_epoch=iters, max_iters=args.epochs * iters, warmup_iters=round(warmup_epochs * iters),
                 wd_end=args.weight_decay if args.weight_decay_end is None else args.weight_decay_end,
                 precision=effective_precision(args.precision, device_type), workers=min(workers, local))
