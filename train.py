@@ -2,28 +2,31 @@
 
 One process, or many under torchrun (NCCL on CUDA, gloo on CPU); `scripts/train.sh` is the paper's 8-GPU launch.
 Checkpoints (`ar-ckpt-last.pth`, `ar-ckpt-best.pth`), `stdout.txt`, `log.txt` and TensorBoard go to --out_dir, and
-`--resume auto` (the default) continues from the last checkpoint.
+`--resume auto` (the default) continues from the last checkpoint. `--init_from` starts from trained weights;
+`--subnet_depth` trains a VARiant supernet (utils/supernet.py), e.g. fine-tuning a released VAR.
 """
 import argparse
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
+from models.subnet import SubnetSpec
 from utils import dist
 from utils.amp import AmpOptimizer
 from utils.checkpoint import load_state_dict_strict, unwrap
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.data import build_datasets, build_loaders, build_token_cache
-from utils.loading import KIND_VAR, load_vae, model_checkpoint
+from utils.loading import KIND_VAR, load_vae, model_checkpoint, read_var
 from utils.log import MetricWriter, setup_logging
 from utils.lr_sched import Schedule, param_groups
+from utils.supernet import Supernet, add_supernet_flags, supernet_from_args
 from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
                                derive_plan, patch_nums_arg)
 from utils.training import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
@@ -43,6 +46,11 @@ MODEL_FLAGS = {
     'cond_drop_rate': 'cond_drop_rate',
 }
 DERIVED_FROM_DEPTH = ('embed_dim', 'num_heads', 'drop_path_rate')
+# Flags that fix the transformer's shapes: --init_from takes them from its checkpoint instead.
+ARCH_FLAGS = ('depth', 'embed_dim', 'num_heads', 'use_implicit', 'pre_depth', 'post_depth', 'p_depth', 'shared_aln',
+              'attn_l2_norm')
+# What the data and the tokenizer fix, and an --init_from checkpoint must agree with.
+DATA_FIELDS = ('num_classes', 'patch_nums', 'vocab_size', 'Cvae')
 
 
 def get_parser() -> ArgumentParser:
@@ -61,7 +69,12 @@ def get_parser() -> ArgumentParser:
 
     m = p.add_argument_group('model', 'flags override --preset; scales and vocabulary come from the tokenizer, the '
                                       'number of classes from the data')
-    m.add_argument('--preset', choices=sorted(VAR_PRESETS))
+    m.add_argument('--preset', choices=sorted(VAR_PRESETS), help='architecture and init (with --init_from: the '
+                                                                 'architecture of a bare state dict)')
+    m.add_argument('--init_from', metavar='CKPT',
+                   help='start from these weights (fresh optimizer, iteration 0): a train.py checkpoint, an exported '
+                        'or released state dict (e.g. var_d30.pth) or an official training checkpoint; fixes the '
+                        'architecture. A resumable checkpoint in --out_dir takes precedence')
     m.add_argument('--depth', type=int, help=f'width 64 x depth, heads = depth (default {DEFAULT_DEPTH})')
     m.add_argument('--embed_dim', type=int, help='width (default 64 x depth)')
     m.add_argument('--num_heads', type=int, help='attention heads (default depth)')
@@ -92,14 +105,30 @@ def get_parser() -> ArgumentParser:
     o = add_optim_flags(p, batch_size=768, epochs=250, base_lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
                         schedule='lin0', lr_end=0.01, grad_clip=2.0)
     o.add_argument('--label_smooth', '--ls', type=float, default=0.0)
+    add_supernet_flags(p)
     add_run_flags(p, 'ar')
     return p
 
 
-def build_var_config(args, num_classes: int, vae_config: VQVAEConfig) -> VARConfig:
-    """The transformer's config: --preset (or the defaults), then explicit flags, then what the tokenizer and data
-    fix (scales, vocabulary, latent width, classes)."""
-    if args.preset:
+def read_init(args) -> Tuple[Optional[VARConfig], Optional[Dict[str, torch.Tensor]]]:
+    """(config, weights) of --init_from; (None, None) without it."""
+    if not args.init_from:
+        return None, None
+    fixed = [f'--{k}' for k in ARCH_FLAGS if getattr(args, k) is not None]
+    if fixed:
+        raise UserError(f'--init_from fixes the architecture; drop {", ".join(fixed)}')
+    if not Path(args.init_from).is_file():
+        raise UserError(f'--init_from {args.init_from}: file not found')
+    sd, config, _ = read_var(args.init_from, preset=args.preset)
+    return config, sd
+
+
+def build_var_config(args, num_classes: int, vae_config: VQVAEConfig, init: Optional[VARConfig] = None) -> VARConfig:
+    """The transformer's config: --init_from's (else --preset or the defaults), then explicit flags, then what the
+    tokenizer and data fix (scales, vocabulary, latent width, classes)."""
+    if init is not None:
+        base = init.to_dict()
+    elif args.preset:
         base = VAR_PRESETS[args.preset].to_dict()
     else:
         base = VARConfig(depth=args.depth or DEFAULT_DEPTH).to_dict()
@@ -139,11 +168,13 @@ def token_losses(logits_BLV: torch.Tensor, gt_BL: torch.Tensor, label_smooth: fl
 
 
 class ARTrainer:
-    """A VAR/VIAR (possibly DDP-wrapped), its frozen tokenizer and the optimizer; `step` trains one micro-batch."""
+    """A VAR/VIAR (possibly DDP-wrapped), its frozen tokenizer and the optimizer; `step` trains one micro-batch.
+    With a `supernet`, each optimizer step trains the full model or the subnet (VARiant)."""
 
     val_score = 'L_tail'  # the official trainer keeps the checkpoint with the best last-scale validation loss
 
-    def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float):
+    def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float,
+                 supernet: Optional[Supernet] = None):
         self.model, self.var, self.vae = model, unwrap(model), vae
         self.amp, self.schedule, self.label_smooth = amp, schedule, label_smooth
         self.device = next(self.var.parameters()).device
@@ -151,6 +182,12 @@ class ARTrainer:
         self.tokens_per_image = self.var.L
         self.rng_generators = {'sjfb': self.var.iter_rng}
         self.draws: List[Tuple[int, int]] = []  # S-JFB counts since the last metrics
+        self.supernet = supernet
+        self.subnet_draws: List[Tuple[int, bool]] = []  # (optimizer step, subnet?) since the last metrics
+        self.subnet_p = 0.0
+        self.draws_checked = False
+        if supernet is not None:
+            self.val_score = 'L_tail_joint'  # VARiant aims at both: mean of the full model's and the subnet's
 
     def pyramid(self, batch) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """(labels, per-scale token maps) of a batch of images (tokenized here) or of cached tokens."""
@@ -168,8 +205,9 @@ class ARTrainer:
         label_B, gt_idx_Bl = self.pyramid(batch)
         x_BLCv = self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
+        subnet = self.pick_subnet(it, stepping)
         with self.amp.forward_context(stepping):
-            logits_BLV = self.model(label_B, x_BLCv)
+            logits_BLV = self.model(label_B, x_BLCv, subnet=subnet)
         loss_BL = token_losses(logits_BLV, gt_BL, self.label_smooth)
         stepped = self.amp.backward_step(loss_BL.mean(), stepping)
         loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()
@@ -190,7 +228,36 @@ class ARTrainer:
                 m.update({'sjfb/no_grad_iters': n_ng, 'sjfb/grad_iters': n_g})
                 res.summary += f' | sjfb {n_ng:.1f}+{n_g:.1f}'
                 self.draws.clear()
+            if self.subnet_draws:
+                res.summary += self.subnet_metrics(m)
         return res
+
+    def pick_subnet(self, it: int, stepping: bool) -> Optional[SubnetSpec]:
+        """VARiant: the subnet to train at micro-batch `it`, or None for the full model; the same on every rank and
+        micro-batch of an optimizer step."""
+        if self.supernet is None:
+            return None
+        p, use_subnet = self.supernet.draw(it)
+        if stepping:
+            self.subnet_draws.append((it // self.amp.accum, use_subnet))
+            self.subnet_p = p
+        return self.supernet.spec if use_subnet else None
+
+    def subnet_metrics(self, metrics: Dict[str, float]) -> str:
+        """Add the subnet probability and the fraction of subnet steps since the last metrics (returns the log line's
+        part), after checking that every rank drew the same: a mismatch would train different architectures."""
+        if not dist.same_on_all_ranks(self.subnet_draws):
+            raise RuntimeError(f'ranks drew different subnet/full choices in optimizer steps '
+                               f'{self.subnet_draws[0][0]}..{self.subnet_draws[-1][0]}')
+        if not self.draws_checked:
+            log.info('VARiant: subnet draws agree on all %d rank(s) (checked at every log step)',
+                     dist.get_world_size())
+            self.draws_checked = True
+        used = sum(s for _, s in self.subnet_draws)
+        metrics.update({'subnet/probability': self.subnet_p, 'subnet/fraction': used / len(self.subnet_draws)})
+        summary = f' | subnet p {self.subnet_p:.2f}, {used}/{len(self.subnet_draws)} step(s)'
+        self.subnet_draws.clear()
+        return summary
 
     @torch.no_grad()
     def metrics(self, loss_BL: torch.Tensor, logits_BLV: torch.Tensor, gt_BL: torch.Tensor) -> Dict[str, float]:
@@ -207,32 +274,45 @@ class ARTrainer:
 
     @torch.no_grad()
     def evaluate(self, loader) -> Dict[str, float]:
-        """Validation loss and accuracy (eval mode: no label dropout, fixed implicit iterations), over all ranks."""
+        """Validation loss and accuracy (eval mode: no label dropout, fixed implicit iterations), over all ranks; for
+        a supernet also the subnet's ('sub_' keys) and the mean of both last-scale losses."""
         self.var.eval()
-        sums = torch.zeros(5, device=self.device, dtype=torch.float64)
+        variants = {'': None}
+        if self.supernet is not None:
+            variants['sub_'] = self.supernet.spec
+        sums = torch.zeros(len(variants), 5, device=self.device, dtype=torch.float64)
         last = self.scale_sizes[-1]
         for batch in loader:
             label_B, gt_idx_Bl = self.pyramid(batch)
-            with self.amp.autocast():
-                logits_BLV = self.var(label_B, self.vae.quantize.idxBl_to_var_input(gt_idx_Bl))
+            x_BLCv = self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
             gt_BL = torch.cat(gt_idx_Bl, dim=1)
-            ce_BL = token_losses(logits_BLV, gt_BL)
-            acc_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float().mul_(100)
-            sums += torch.stack([ce_BL.mean(1).sum(), ce_BL[:, -last:].mean(1).sum(), acc_BL.mean(1).sum(),
-                                 acc_BL[:, -last:].mean(1).sum(), ce_BL.new_tensor(len(gt_BL))]).double()
+            for row, subnet in enumerate(variants.values()):
+                with self.amp.autocast():
+                    logits_BLV = self.var(label_B, x_BLCv, subnet=subnet)
+                ce_BL = token_losses(logits_BLV, gt_BL)
+                acc_BL = (logits_BLV.argmax(dim=-1) == gt_BL).float().mul_(100)
+                sums[row] += torch.stack([ce_BL.mean(1).sum(), ce_BL[:, -last:].mean(1).sum(), acc_BL.mean(1).sum(),
+                                          acc_BL[:, -last:].mean(1).sum(), ce_BL.new_tensor(len(gt_BL))]).double()
         if dist.is_initialized():
             torch.distributed.all_reduce(sums)
         self.var.train()
-        n = max(sums[4].item(), 1.0)
-        return {'L_mean': sums[0].item() / n, 'L_tail': sums[1].item() / n, 'acc_mean': sums[2].item() / n,
-                'acc_tail': sums[3].item() / n}
+        out = {}
+        for row, prefix in enumerate(variants):
+            n = max(sums[row, 4].item(), 1.0)
+            for col, name in enumerate(('L_mean', 'L_tail', 'acc_mean', 'acc_tail')):
+                out[prefix + name] = sums[row, col].item() / n
+        if self.supernet is not None:
+            out['L_tail_joint'] = (out['L_tail'] + out['sub_L_tail']) / 2
+        return out
 
     def replicated(self) -> Sequence[torch.nn.Module]:
         return [self.var]
 
     def checkpoint(self) -> Dict[str, Any]:
         """Weights, config, the tokenizer's config (so `load_models` rebuilds both) and the optimizer state."""
-        return model_checkpoint(KIND_VAR, self.var, vae_config=self.vae.config.to_dict(), amp=self.amp.state_dict())
+        extra = {} if self.supernet is None else {'supernet': self.supernet.config(self.var.depth)}
+        return model_checkpoint(KIND_VAR, self.var, vae_config=self.vae.config.to_dict(), amp=self.amp.state_dict(),
+                                **extra)
 
     def load_checkpoint(self, ckpt: Dict[str, Any], path: Path):
         if ckpt.get('kind') != KIND_VAR or 'amp' not in ckpt:
@@ -240,8 +320,18 @@ class ARTrainer:
         saved, own = ckpt['config'], self.var.config.to_dict()
         diffs = [f'{k}={v} (flags: {own[k]})' for k, v in saved.items() if own.get(k) != v]
         if diffs:
-            raise UserError(f'{path} was trained with {", ".join(diffs)}; pass the same model flags or another '
-                            f'--out_dir')
+            raise UserError(f'{path} was trained with {", ".join(diffs)}; pass the same model flags (or '
+                            f'--init_from) or another --out_dir')
+        saved_sn = ckpt.get('supernet')
+        own_sn = None if self.supernet is None else self.supernet.config(self.var.depth)
+        if saved_sn is None and own_sn is not None:
+            raise UserError(f'{path} was trained without --subnet_depth; to train a supernet from it, pass '
+                            f'--init_from {path} and another --out_dir')
+        if saved_sn is not None and saved_sn != own_sn:
+            own_sn = own_sn or {}
+            diffs = [f'{k}={v} (flags: {own_sn.get(k)})' for k, v in saved_sn.items() if own_sn.get(k) != v]
+            raise UserError(f'{path} is a VARiant supernet checkpoint with {", ".join(diffs)}; pass the same '
+                            f'--subnet_depth, --bridge, --subnet_selection and phase flags, or another --out_dir')
         load_state_dict_strict(self.var, ckpt['model'], str(path))
         self.amp.load_state_dict(ckpt['amp'])
 
@@ -261,10 +351,21 @@ def main(args):
     plan = derive_plan(args, info.world_size, len(train_set), info.device.type)
     if plan.precision != args.precision:
         log.info('--precision %s needs CUDA: training in %s', args.precision, plan.precision)
-    config = build_var_config(args, len(train_set.classes), vae.config)
+    init_config, init_weights = read_init(args)
+    config = build_var_config(args, len(train_set.classes), vae.config, init_config)
+    if init_config is not None:
+        misfit = [f'{k} {getattr(init_config, k)} (data/tokenizer: {getattr(config, k)})' for k in DATA_FIELDS
+                  if getattr(init_config, k) != getattr(config, k)]
+        if misfit:
+            raise UserError(f'--init_from {args.init_from} does not fit the data and --vae_ckpt: {", ".join(misfit)}')
+    supernet = supernet_from_args(args, config.use_implicit, config.depth, len(config.patch_nums),
+                                  plan.iters_per_epoch, args.accum)
 
     torch.manual_seed(mix_seed(args.seed, STREAM_INIT))  # identical initial weights on every rank
     var = build_var(config, info.device)
+    if init_weights is not None:
+        load_state_dict_strict(var, init_weights, f'--init_from {args.init_from}')
+        del init_weights
     seed_process(args.seed, info.rank)
     var.seed_implicit_iters(mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank))
     if args.compile:
@@ -275,13 +376,16 @@ def main(args):
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0,
                                   fused=info.device.type == 'cuda')
     model = var
+    # A subnet step leaves layers outside the subnet unused only without a bridge: with one, they still run on the
+    # bridge tokens. Unused parameters then keep no gradient (AdamW skips them), as in a single process.
+    unused_params = supernet is not None and supernet.spec.bridge == 0
     if info.distributed:
         model = DistributedDataParallel(var, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
-                                        find_unused_parameters=False, forward_sync_buffers=False)
+                                        find_unused_parameters=unused_params, forward_sync_buffers=False)
     amp = AmpOptimizer(model, optimizer, plan.precision, args.grad_clip, args.accum)
     schedule = Schedule(plan.peak_lr, plan.warmup_iters, plan.max_iters, args.schedule, args.warmup_start,
                         args.lr_end, args.weight_decay, plan.wd_end)
-    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth)
+    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth, supernet)
 
     kind = 'VIAR' if config.use_implicit else 'VAR'
     log.info('data: %d training images in %d classes from %s; validation: %s; images %dpx, scales %s',
@@ -294,10 +398,17 @@ def main(args):
         log.info('S-JFB: no-grad iterations %s, with-grad iterations %s (inclusive ranges), %s draws',
                  config.implicit_no_grad_iters, config.implicit_grad_iters,
                  'shared' if args.sjfb_shared_draws else 'per-rank')
+    if args.init_from:
+        log.info('initial weights: %s', args.init_from)
+    if supernet is not None:
+        log.info('VARiant supernet: %s%s', supernet.describe(config.depth, len(config.patch_nums), args.epochs),
+                 ' | DDP looks for unused parameters (no bridge)' if unused_params and info.distributed else '')
     log.info('plan: %s', plan.describe(args))
 
     files = CheckpointFiles(out_dir, 'ar')
     start_it, best, rng_states = resume_training(files, args.resume, trainer, plan.iters_per_epoch)
+    if start_it and args.init_from:
+        log.info('--init_from only starts a run: continuing from the resumed checkpoint instead')
 
     dataset = train_set
     if args.token_cache:
@@ -305,7 +416,9 @@ def main(args):
                                     info.rank, info.world_size, plan.local_batch, plan.workers, dist.barrier)
     sampler, loader, val_loader = build_loaders(dataset, val_set, plan.local_batch, info.rank, info.world_size,
                                                 args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
-    tb_name = f'tb-{kind}d{config.depth}__b{args.batch_size}ep{args.epochs}lr{args.base_lr:g}wd{args.weight_decay:g}'
+    sub = '' if supernet is None else f'-sub{supernet.spec.depth}N{supernet.spec.bridge}'
+    tb_name = (f'tb-{kind}d{config.depth}{sub}__b{args.batch_size}ep{args.epochs}lr{args.base_lr:g}'
+               f'wd{args.weight_decay:g}')
     writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
     # Last: everything above may draw random numbers; the loop must continue exactly where the checkpoint stopped.
     if start_it:

@@ -77,6 +77,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def same_on_all_ranks(obj) -> bool:
+    """Whether every rank passed an equal (picklable) object; True for one process."""
+    if not is_initialized():
+        return True
+    objs = [None] * tdist.get_world_size()
+    tdist.all_gather_object(objs, obj)
+    return all(o == objs[0] for o in objs)
+
+
 def destroy():
     if is_initialized():
         tdist.destroy_process_group()

@@ -7,6 +7,7 @@ Accepted files, for both models:
 * bare state dicts such as the released `viar.pth`, `var_d30.pth`, `vae_ch160v4096z32.pth` (also .safetensors):
   the architecture comes from `preset` when given, else it is read off the keys and shapes.
 """
+import logging
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -14,6 +15,8 @@ import torch
 
 from models import VAR, VAR_PRESETS, VQVAE, VARConfig, VQVAEConfig, build_var, build_vqvae
 from utils.checkpoint import CheckpointError, PathLike, load_file, load_state_dict_strict, strip_wrapper_prefixes
+
+log = logging.getLogger('viar')
 
 KIND_VAR, KIND_VQVAE = 'var', 'vqvae'
 
@@ -45,9 +48,8 @@ def _is_var_state(sd: Dict[str, torch.Tensor]) -> bool:
     return 'class_emb.weight' in sd
 
 
-def load_var(path: PathLike, preset: Optional[str] = None, device='cpu',
-             expect_implicit: Optional[bool] = None) -> Tuple[VAR, Dict[str, Any]]:
-    """Build and strictly load a VAR/VIAR; returns (model in eval mode, the whole checkpoint object)."""
+def read_var(path: PathLike, preset: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], VARConfig, Any]:
+    """(state dict, config, the whole checkpoint object) of any accepted VAR/VIAR file, without building the model."""
     path = Path(path)
     sd, cfg, obj = _split(load_file(path), KIND_VAR, path)
     sd = strip_wrapper_prefixes(sd)
@@ -61,6 +63,14 @@ def load_var(path: PathLike, preset: Optional[str] = None, device='cpu',
         config = VAR_PRESETS[preset]
     else:
         config = VARConfig.from_state_dict(sd)
+    return sd, config, obj
+
+
+def load_var(path: PathLike, preset: Optional[str] = None, device='cpu',
+             expect_implicit: Optional[bool] = None) -> Tuple[VAR, Dict[str, Any]]:
+    """Build and strictly load a VAR/VIAR; returns (model in eval mode, the whole checkpoint object)."""
+    path = Path(path)
+    sd, config, obj = read_var(path, preset)
     implicit_in_file = 'implicit_block_projection.0.weight' in sd
     if expect_implicit is not None and expect_implicit != implicit_in_file:
         what = 'a VIAR (implicit)' if implicit_in_file else 'an explicit VAR'
@@ -68,6 +78,11 @@ def load_var(path: PathLike, preset: Optional[str] = None, device='cpu',
         raise CheckpointError(f'{path}: is {what} checkpoint, which does not match the flags given; {flag}')
     var = build_var(config, device='meta')
     load_state_dict_strict(var, sd, str(path), assign=True)
+    supernet = obj.get('supernet') if isinstance(obj, dict) else None
+    if supernet:
+        log.info('%s was trained as a VARiant supernet: %s subnet of %d layers %s after a bridge of %d scales; pick '
+                 'the depth at run time with --subnet_depth / --bridge', path, supernet['selection'],
+                 supernet['depth'], supernet['layers'], supernet['bridge'])
     return var.to(device).eval(), obj
 
 

@@ -26,7 +26,7 @@ log = logging.getLogger('viar')
 RESUME_NONE = ('none', 'no', '')
 GiB = 2 ** 30
 # Independent seed streams derived from --seed.
-STREAM_INIT, STREAM_RANK, STREAM_DATA, STREAM_SJFB = 0, 1, 2, 3
+STREAM_INIT, STREAM_RANK, STREAM_DATA, STREAM_SJFB, STREAM_SUBNET = 0, 1, 2, 3, 4
 
 
 def mix_seed(*values: int) -> int:
