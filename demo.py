@@ -24,7 +24,7 @@ import sampling
 import train
 import train_tokenizer
 from models import num_params
-from utils.cli import ArgumentParser, UserError, main_entry, run
+from utils.cli import ArgumentParser, UserError, main_entry, run, writable_dir
 from utils.fashion_mnist import CLASS_NAMES, prepare
 from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
 from utils.loading import load_models, load_vae
@@ -230,9 +230,9 @@ def main(args):
     setup_logging(0)
     started = time.time()
     plan = QUICK if args.quick else FULL
-    out = Path(args.out or ('local_output/demo-quick' if args.quick else 'local_output/demo'))
-    data = Path(args.data or ('data/fashion_mnist_demo_quick' if args.quick else 'data/fashion_mnist_demo'))
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(args.out or ('local_output/demo-quick' if args.quick else 'local_output/demo'), '--out')
+    data = writable_dir(args.data or ('data/fashion_mnist_demo_quick' if args.quick else 'data/fashion_mnist_demo'),
+                        '--data')
     stages = Stages(total=7)
 
     root = stages.run('prepare Fashion-MNIST', prepare, data, size=IMAGE_SIZE, raw_dir=args.raw_dir,

@@ -17,7 +17,6 @@ is newer than the batch. Numerics follow REFERENCE.md §5.3; see utils/inception
 import argparse
 import logging
 import os
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from utils.checkpoint import PathLike
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.checkpoint import PathLike, temp_name
+from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.images import load_png_rgb
 from utils.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
 from utils.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
@@ -162,8 +162,10 @@ class PngFolder:
             yield np.stack([self._load(f) for f in self.files[start:start + batch_size]])
 
     def _load(self, file: Path) -> np.ndarray:
-        with Image.open(file) as im:
-            return np.asarray(im.convert('RGB'))
+        try:
+            return load_png_rgb(file)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise UserError(f'{file}: cannot read this image ({e}); replace or remove it') from None
 
     def mtime_ns(self) -> int:
         return max([self.path.stat().st_mtime_ns] + [f.stat().st_mtime_ns for f in self.files])
@@ -191,7 +193,7 @@ def _load_stored_stats(path: Path, headers: Dict[str, Tuple[Tuple[int, ...], np.
         got_shape, dtype = headers[key]
         if tuple(got_shape) != shape or dtype.kind != 'f':
             raise UserError(f'{path}: {key} must be a float array of shape {shape}, found {dtype} {tuple(got_shape)}')
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         return (GaussianStats(npz['mu'], npz['sigma']), GaussianStats(npz['mu_s'], npz['sigma_s']))
 
 
@@ -229,9 +231,9 @@ class BatchStats:
 def save_stats(stats: BatchStats, path: PathLike):
     """Write a stats .npz atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    tmp = temp_name(path)
     try:
-        with os.fdopen(fd, 'wb') as f:
+        with open(tmp, 'wb') as f:
             np.savez(f, **{POOL_KEY: stats.pool_ND, 'mu': stats.fid.mu, 'sigma': stats.fid.sigma,
                            'mu_s': stats.sfid.mu, 'sigma_s': stats.sfid.sigma, WEIGHTS_KEY: np.array(stats.weights_id)})
         os.replace(tmp, path)
@@ -251,7 +253,7 @@ def load_stats(path: Path) -> BatchStats:
     if len(shape) != 2 or shape[1] != POOL_DIM or shape[0] == 0 or dtype != np.float32:
         raise UserError(f'{path}: {POOL_KEY} must be float32 of shape (N, {POOL_DIM}), found {dtype} {shape}')
     fid, sfid = _load_stored_stats(path, headers)
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         return BatchStats(npz[POOL_KEY], fid, sfid, str(npz[WEIGHTS_KEY]))
 
 
@@ -415,6 +417,7 @@ def write_stats(input_path: PathLike, out_path: PathLike, device='auto', batch_s
         raise UserError(f'--save-stats {out_path}: would overwrite the input')
     if not out_path.parent.is_dir():
         raise UserError(f'--save-stats {out_path}: folder {out_path.parent} does not exist')
+    writable_dir(out_path.parent, '--save-stats', create=False)
     network = load_inception(weights, resolve_device(str(device)))
     with strict_fp32():
         stats = batch_stats(batch, network, batch_size, cache=False, progress=progress)

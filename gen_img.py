@@ -20,8 +20,8 @@ from torchvision.utils import make_grid
 
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, make_edit_spec
-from utils.cli import ArgumentParser, UserError, main_entry
-from utils.images import save_png_atomic, to_uint8_hwc
+from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
@@ -63,8 +63,9 @@ def load_source_image(path: str, size: int) -> torch.Tensor:
         raise UserError(f'edit image not found: {path}')
     try:
         with Image.open(path) as im:
-            im = im.convert('RGB')
-    except OSError as e:
+            im.load()
+            im = to_rgb(im)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f'cannot read edit image {path}: {e}') from None
     w, h = im.size
     scale = size / min(w, h)
@@ -90,8 +91,12 @@ def region_mask(args, grid: int) -> torch.Tensor:
         return m
     if not Path(args.mask).is_file():
         raise UserError(f'mask image not found: {args.mask}')
-    with Image.open(args.mask) as im:
-        arr = np.asarray(im.convert('L'), dtype=np.float32) / 255.0
+    try:
+        with Image.open(args.mask) as im:
+            im.load()
+            arr = np.asarray(to_rgb(im).convert('L'), dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f'cannot read mask image {args.mask}: {e}') from None
     return F.interpolate(torch.from_numpy(arr)[None, None], size=(grid, grid), mode='area')[0, 0].gt(0.5).float()
 
 
@@ -116,6 +121,7 @@ def main(args):
     if args.batch_size <= 0:
         raise UserError(f'--batch_size must be positive, got {args.batch_size}')
     check_knobs(args)
+    out_dir = writable_dir(args.out_dir, '--out_dir')
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.dtype, device)
     vae, var = load_from_args(args, device)
@@ -123,8 +129,6 @@ def main(args):
     solver = make_solver(args.solver)
     subnet = subnet_from_args(args, var)
     seeds = parse_ids(args.seeds, 'seeds')
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     trace = {} if args.trace else None
 
     edit = None

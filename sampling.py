@@ -20,7 +20,7 @@ from tqdm import tqdm
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from utils import dist
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
@@ -96,6 +96,8 @@ def main(args):
     if args.per_class <= 0 or args.batch_size <= 0:
         raise UserError(f'--per_class and --batch_size must be positive, got {args.per_class} and {args.batch_size}')
     check_knobs(args)
+    if info.is_main:
+        writable_dir(args.sample_dir, '--sample_dir')
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
     torch.backends.cudnn.allow_tf32 = True
     device = info.device

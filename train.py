@@ -7,7 +7,6 @@ Checkpoints (`ar-ckpt-last.pth`, `ar-ckpt-best.pth`), `stdout.txt`, `log.txt` an
 """
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -210,10 +209,7 @@ class ARTrainer:
             logits_BLV = self.model(label_B, x_BLCv, subnet=subnet)
         loss_BL = token_losses(logits_BLV, gt_BL, self.label_smooth)
         stepped = self.amp.backward_step(loss_BL.mean(), stepping)
-        loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()
-        if not math.isfinite(loss):
-            raise UserError(f'the loss is {loss} at iteration {it + 1}; the last checkpoint is intact: lower --tblr or '
-                            f'try --fp16 2 (bf16), then resume')
+        loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()  # a non-finite loss: see TrainLoop's guard
         if self.var.last_implicit_iters is not None:
             self.draws.append(self.var.last_implicit_iters)
         res = StepResult(loss, lr, wd)
@@ -338,7 +334,7 @@ class ARTrainer:
 
 # ---- main -----------------------------------------------------------------------------------------------------------
 def main(args):
-    info = dist.init_distributed(args.device)
+    info = dist.init_distributed(args.device, args.dist_timeout)
     out_dir = prepare_out_dir(args.out_dir, info.is_main)
     setup_logging(info.rank, out_dir / 'stdout.txt')
     log.info('command: %s', ' '.join(sys.argv))
@@ -405,8 +401,8 @@ def main(args):
                  ' | DDP looks for unused parameters (no bridge)' if unused_params and info.distributed else '')
     log.info('plan: %s', plan.describe(args))
 
-    files = CheckpointFiles(out_dir, 'ar')
-    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan.iters_per_epoch)
+    files = CheckpointFiles(out_dir, 'ar', keep_last=args.keep_last)
+    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan)
     if start_it and args.init_from:
         log.info('--init_from only starts a run: continuing from the resumed checkpoint instead')
 
@@ -419,7 +415,7 @@ def main(args):
     sub = '' if supernet is None else f'-sub{supernet.spec.depth}N{supernet.spec.bridge}'
     tb_name = (f'tb-{kind}d{config.depth}{sub}__b{args.batch_size}ep{args.epochs}lr{args.base_lr:g}'
                f'wd{args.weight_decay:g}')
-    writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
+    writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it)
     # Last: everything above may draw random numbers; the loop must continue exactly where the checkpoint stopped.
     if start_it:
         restore_rng_states(rng_states, trainer.rng_generators, args.seed, info.rank, info.world_size, start_it)
@@ -427,10 +423,10 @@ def main(args):
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     loop = TrainLoop(args, plan, trainer, sampler, loader, val_loader, writer, files, info.is_main, info.world_size,
                      progress and info.is_main)
-    loop.run(start_it, best)
+    code = loop.run(start_it, best)
     writer.close()
     dist.destroy()
-    return 0
+    return code
 
 
 if __name__ == '__main__':

@@ -7,7 +7,6 @@ has decayed are re-initialised from recent encoder residuals (--restart_every), 
 state dict: the released format), plus stdout.txt, log.txt and TensorBoard.
 """
 import logging
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +196,7 @@ class TokenizerTrainer:
         if stepping and self.restart_every and (it + 1) % self.restart_every == 0:
             self.restarted += self.restart_dead_codes(img)
 
-        loss_value = dist.all_reduce_mean(loss.detach().float()).item()
-        if not math.isfinite(loss_value):
-            raise UserError(f'the loss is {loss_value} at iteration {it + 1}; the last checkpoint is intact: '
-                            f'lower --tblr or try --fp16 2 (bf16), then resume')
+        loss_value = dist.all_reduce_mean(loss.detach().float()).item()  # a non-finite loss: see TrainLoop's guard
         res = StepResult(loss_value, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
@@ -314,7 +310,7 @@ def wrap_ddp(module: torch.nn.Module, info, find_unused: bool = False) -> torch.
 
 
 def main(args):
-    info = dist.init_distributed(args.device)
+    info = dist.init_distributed(args.device, args.dist_timeout)
     out_dir = prepare_out_dir(args.out_dir, info.is_main)
     setup_logging(info.rank, out_dir / 'stdout.txt')
     log.info('command: %s', ' '.join(sys.argv))
@@ -370,21 +366,21 @@ def main(args):
              f'every {args.restart_every} it below {args.dead_threshold:g} x uniform' if args.restart_every else 'off')
     log.info('plan: %s', plan.describe(args))
 
-    files = CheckpointFiles(out_dir, 'vae', weights_prefix='vae')
-    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan.iters_per_epoch)
+    files = CheckpointFiles(out_dir, 'vae', weights_prefix='vae', keep_last=args.keep_last)
+    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan)
     sampler, loader, val_loader = build_loaders(train_set, val_set, plan.local_batch, info.rank, info.world_size,
                                                 args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
     tb_name = f'tb-VQVAE-v{config.vocab_size}z{config.z_channels}ch{config.ch}__b{args.batch_size}ep{args.epochs}'
-    writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it if start_it else None)
+    writer = MetricWriter(out_dir, tb_name, info.is_main, resume_step=start_it)
     if start_it:  # last: everything above may draw random numbers
         restore_rng_states(rng_states, trainer.rng_generators, args.seed, info.rank, info.world_size, start_it)
 
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    TrainLoop(args, plan, trainer, sampler, loader, val_loader, writer, files, info.is_main, info.world_size,
-              progress and info.is_main).run(start_it, best)
+    code = TrainLoop(args, plan, trainer, sampler, loader, val_loader, writer, files, info.is_main, info.world_size,
+                     progress and info.is_main).run(start_it, best)
     writer.close()
     dist.destroy()
-    return 0
+    return code
 
 
 if __name__ == '__main__':

@@ -60,3 +60,11 @@ def save_tiny_checkpoints(folder: Path, **var_kw) -> Path:
     save_atomic(model_checkpoint(KIND_VAR, var, vae_config=vae.config.to_dict()), folder / 'ar.pth')
     save_atomic(model_checkpoint(KIND_VQVAE, vae), folder / 'vae.pth')
     return folder
+
+
+@pytest.fixture(scope='session')
+def forkserver():
+    """Runs CLI commands in forked children of one warm process (see tests/forkserver.py)."""
+    from tests.forkserver import ForkServer
+    with ForkServer() as server:
+        yield server

@@ -90,7 +90,8 @@ def test_killed_run_resumes_bit_exactly(data, tmp_path):
     assert 4 <= killed_at < total
 
     run_cli('train.py', train_args(data, out, *STOCHASTIC, '--max_steps', str(total)), nproc=2)
-    assert f'resumed from {out / "ar-ckpt-last.pth"} at iteration {killed_at}' in (out / 'stdout.txt').read_text()
+    assert f'resumed from {out / f"ar-ckpt-{killed_at:08d}.pth"} at iteration {killed_at}' in \
+        (out / 'stdout.txt').read_text()
     straight, resumed = load_weights(tmp_path / 'straight' / 'ar-ckpt-last.pth'), load_weights(out / 'ar-ckpt-last.pth')
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # The curves continue: one log entry per iteration, none duplicated by the restart.

@@ -183,13 +183,13 @@ def test_official_bool_spelling():
 def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     gen = random.Random(5)
     files = CheckpointFiles(tmp_path, 'x')
-    files.save({'rng': [rng_state({'g': gen})], 'model': {}}, is_best=True)
+    files.save({'it': 1, 'rng': [rng_state({'g': gen})], 'model': {}}, is_best=True)
     draw = lambda: (torch.rand(3), random.random(), np.random.rand(), gen.random())  # noqa: E731
     first = draw()
     set_rng_state(torch.load(files.last, weights_only=True)['rng'][0], {'g': gen})
     again = draw()
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
     # best is a link to the last file at save time: a later `last` does not change it.
-    files.save({'rng': [], 'model': {}}, is_best=False)
+    files.save({'it': 2, 'rng': [], 'model': {}}, is_best=False)
     assert torch.load(files.best, weights_only=True)['rng'] and not torch.load(files.last, weights_only=True)['rng']
     assert mix_seed(1, 2) != mix_seed(2, 1) and mix_seed(1, 2) == mix_seed(1, 2)

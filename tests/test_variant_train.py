@@ -79,7 +79,7 @@ def test_two_rank_supernet_resumes_bit_exactly(data, tmp_path):
     run_cli('train.py', train_args(data, out, *flags), nproc=2)
 
     text = (out / 'stdout.txt').read_text()
-    assert f'resumed from {out / "ar-ckpt-last.pth"} at iteration 4' in text
+    assert f'resumed from {out / "ar-ckpt-00000004.pth"} at iteration 4' in text
     assert 'identical on 2 rank(s)' in text and 'subnet draws agree on all 2 rank(s)' in text
     straight, resumed = load_weights(tmp_path / 'straight' / 'ar-ckpt-last.pth'), load_weights(out / 'ar-ckpt-last.pth')
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)

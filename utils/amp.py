@@ -30,7 +30,8 @@ class AmpOptimizer:
     """Autocast, GradScaler (fp16 only), clipping and accumulation around one optimizer.
 
     Per micro-batch: `with amp.forward_context(stepping): loss = ...`, then `amp.backward_step(loss, stepping)`,
-    which steps the optimizer only when `stepping` (the last micro-batch of an accumulation).
+    which steps the optimizer only when `stepping` (the last micro-batch of an accumulation). A step whose gradients
+    hold NaN/Inf is skipped in every precision (as GradScaler does under fp16) and counted in `skipped_steps`.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, precision: str = 'fp32',
@@ -48,6 +49,7 @@ class AmpOptimizer:
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=SCALER_INIT,
                                                growth_interval=SCALER_GROWTH_INTERVAL)
         self.reset_scale = SCALER_INIT  # what the next collapse resets to (before the decay)
+        self.skipped_steps = 0
         optimizer.zero_grad(set_to_none=True)
 
     def autocast(self):
@@ -60,7 +62,8 @@ class AmpOptimizer:
         return self.autocast()
 
     def backward_step(self, loss: torch.Tensor, stepping: bool) -> Optional[Tuple[torch.Tensor, Optional[float]]]:
-        """Backward of loss / accum; when stepping: unscale, clip, step. Returns (pre-clip grad norm, log2 scale)."""
+        """Backward of loss / accum; when stepping: unscale, clip, step. Returns (pre-clip grad norm, log2 scale);
+        a non-finite norm means the step was skipped."""
         loss = loss / self.accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if not stepping:
@@ -71,13 +74,15 @@ class AmpOptimizer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        finite = bool(torch.isfinite(grad_norm))
         scale_log2 = None
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            self.scaler.step(self.optimizer)  # skips the update itself when the gradients overflowed
             self._update_scale()
             scale_log2 = math.log2(self.scaler.get_scale())
-        else:
+        elif finite:
             self.optimizer.step()
+        self.skipped_steps += not finite
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, scale_log2
 

@@ -3,6 +3,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
@@ -14,6 +15,9 @@ PathLike = Union[str, os.PathLike]
 # Prefixes that wrappers add to parameter names (DDP, torch.compile).
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 MAX_LISTED_KEYS = 5
+FILE_MODE = 0o666  # before the umask: written files are as readable as any other file the user creates
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -100,21 +104,57 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], sou
     model.load_state_dict(sd, strict=True, assign=assign)
 
 
-def save_atomic(obj: Any, path: PathLike):
-    """torch.save to a temp file in the same directory, fsync, then rename over `path` (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def temp_name(path: Path) -> str:
+    """A fresh hidden temp file beside `path`, `.NAME.XXXXXXXX.tmp`, created empty, with the umask's permissions
+    (mkstemp's are owner-only, which would hide checkpoints from collaborators on a shared cluster)."""
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     try:
-        with os.fdopen(fd, 'wb') as f:
+        os.fchmod(fd, FILE_MODE & ~_UMASK)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def fsync_dir(folder: PathLike):
+    """Make a rename inside `folder` durable (a crash right after it cannot bring back the old entry)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: PathLike):
+    """torch.save to a temp file in the same directory, flush and fsync, then rename over `path` (never a half
+    file: a reader sees the old file or the new one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(path)
+    try:
+        with open(tmp, 'wb') as f:
             torch.save(obj, f)
             f.flush()
+            _test_save_delay()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _test_save_delay():
+    """Tests only: VIAR_TEST_SAVE_DELAY=SECONDS holds every checkpoint write open that long, so that a test can kill
+    the process in the middle of a save."""
+    delay = os.environ.get('VIAR_TEST_SAVE_DELAY')
+    if delay:
+        time.sleep(float(delay))
 
 
 def link_atomic(src: PathLike, dst: PathLike):
@@ -130,6 +170,7 @@ def link_atomic(src: PathLike, dst: PathLike):
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+        fsync_dir(dst.parent)
     except BaseException:
         if tmp.exists():
             tmp.unlink()
@@ -152,11 +193,11 @@ def save_safetensors(sd: Mapping[str, torch.Tensor], path: PathLike, metadata: D
     from safetensors.torch import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    tmp = temp_name(path)
     try:
         save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

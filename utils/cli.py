@@ -5,6 +5,8 @@ Set `--debug` (where a CLI offers it) or the environment variable VIAR_DEBUG=1 t
 import argparse
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -13,7 +15,8 @@ from models.schedules import ScheduleError
 from utils.checkpoint import CheckpointError
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_SIGNAL_BASE = 128   # a run stopped by signal N exits with 128 + N, as a shell reports it (SIGTERM: 143)
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + 2
 TRUE_WORDS, FALSE_WORDS = {'true', '1', 'yes'}, {'false', '0', 'no'}
 
 
@@ -50,6 +53,25 @@ class ArgumentParser(argparse.ArgumentParser):
                 arg = name if value.lower() in TRUE_WORDS else '--no-' + name[2:]
             out.append(arg)
         return out
+
+
+def signal_exit_code(signum: int) -> int:
+    """The exit code of a run that stopped cleanly because it received signal `signum`."""
+    return EXIT_SIGNAL_BASE + signum
+
+
+def writable_dir(path, flag: str, create: bool = True) -> Path:
+    """Check (before any long work) that files can be written in folder `path`, creating it if `create`; otherwise a
+    one-line error naming the flag to fix."""
+    path = Path(path)
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix='.write_test.'):
+            pass
+    except OSError as e:
+        raise UserError(f'{flag}: {path} is not a writable folder ({e.strerror or e}); pass another {flag}') from None
+    return path
 
 
 def one_line(e: BaseException) -> str:

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -24,6 +25,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.cli import UserError, one_line
+from utils.images import to_rgb
 from utils.training import STREAM_DATA, mix_seed
 
 log = logging.getLogger('viar')
@@ -31,7 +33,6 @@ log = logging.getLogger('viar')
 DEFAULT_MID_RESO = 1.125    # official: resize the shorter side to round(1.125 * size), then crop
 MAX_CONSECUTIVE_BAD = 100   # --skip_bad_images gives up after this many unreadable files in a row
 SAMPLE_SEED_HIGH = 2 ** 62
-SIXTEEN_BIT_MAX = 65535.0
 
 
 class BadImageError(UserError):
@@ -46,29 +47,6 @@ class BadImageError(UserError):
 
 
 # ---- images ---------------------------------------------------------------------------------------------------------
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL image as 8-bit RGB.
-
-    Greyscale and palette images are expanded; 16-bit (and 32-bit integer) greyscale is rescaled rather than clipped;
-    transparency is composited onto white (the official loader drops alpha, exposing whatever colour transparent
-    pixels happen to store).
-    """
-    if img.mode.startswith('I') or img.mode == 'F':
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
-            arr = arr * (255.0 / SIXTEEN_BIT_MAX)
-        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
-    if img.mode == 'P':
-        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
-    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
-        img = img.convert('RGBA')
-        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, img)
-    return img if img.mode == 'RGB' else img.convert('RGB')
-
-
 def load_rgb(path: str) -> Image.Image:
     """Decode an image file completely (so a truncated file fails here) and convert it to RGB."""
     try:
@@ -229,10 +207,17 @@ class DistributedBatchSampler:
         return sum(1 for k in range(self.start_batch, self.batches_per_epoch) if self._bounds(k)[0] < n)
 
 
+def ignore_stop_signals(worker_id: int):
+    """Data workers ignore SIGINT/SIGTERM (Ctrl-C or a scheduler signals the whole process group): the main process
+    finishes its step, saves, and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_sampler, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over `batch_sampler`; its own generator keeps the global torch RNG untouched (resume exactness)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0, generator=torch.Generator())
+                      persistent_workers=workers > 0, generator=torch.Generator(), worker_init_fn=ignore_stop_signals)
 
 
 VAL_BATCH_FACTOR = 1.5  # validation batch = 1.5 x the per-rank training batch (official)

@@ -30,6 +30,9 @@ DONE_FILE = 'prepared.json'
 
 def find_raw_dir(raw_dir: Optional[str] = None) -> Path:
     """The folder with the four idx .gz files, or a one-line error saying how to get them."""
+    if raw_dir is not None and not (Path(raw_dir) / 'train-images-idx3-ubyte.gz').is_file():
+        raise UserError(f'--raw_dir {raw_dir} holds no train-images-idx3-ubyte.gz; pass the folder with the four '
+                        f'Fashion-MNIST idx .gz files, or leave --raw_dir out to use {DEBIAN_DIR}')
     candidates = [Path(p) for p in (raw_dir, os.environ.get('FASHION_MNIST_DIR')) if p] + [DEBIAN_DIR]
     for d in candidates:
         if (d / 'train-images-idx3-ubyte.gz').is_file():

@@ -1,6 +1,6 @@
-"""Image files: uint8 conversion as the official sampler does it, atomic PNG writes, streaming ADM .npz packing."""
+"""Image files: any PIL mode as 8-bit RGB, uint8 conversion as the official sampler does it, atomic PNG writes,
+streaming ADM .npz packing."""
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -9,22 +9,43 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.checkpoint import temp_name
+
+SIXTEEN_BIT_MAX = 65535.0
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB.
+
+    Greyscale and palette images are expanded; 16-bit (and 32-bit integer) greyscale is rescaled rather than clipped;
+    transparency is composited onto white (the official loader drops alpha, exposing whatever colour transparent
+    pixels happen to store).
+    """
+    if img.mode.startswith('I') or img.mode == 'F':
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith('I;16') or (img.mode == 'I' and arr.max(initial=0) > 255):
+            arr = arr * (255.0 / SIXTEEN_BIT_MAX)
+        elif img.mode == 'F' and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+    if img.mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La'):
+        img = img.convert('RGBA')
+        white = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img if img.mode == 'RGB' else img.convert('RGB')
+
 
 def to_uint8_hwc(img_B3HW: torch.Tensor) -> np.ndarray:
     """Images in [0, 1] -> uint8 (B, H, W, 3), truncating x*255 like the official sampling.py."""
     return img_B3HW.float().mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _temp_beside(path: Path) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
 def save_png_atomic(arr_HW3: np.ndarray, path: Path):
     """Write a PNG via a temp file and rename, so a killed process never leaves a truncated image."""
     path = Path(path)
-    tmp = _temp_beside(path)
+    tmp = temp_name(path)
     try:
         Image.fromarray(arr_HW3).save(tmp, format='PNG')
         os.replace(tmp, path)
@@ -35,9 +56,10 @@ def save_png_atomic(arr_HW3: np.ndarray, path: Path):
 
 
 def load_png_rgb(path: Path) -> np.ndarray:
-    """A PNG as uint8 (H, W, 3)."""
+    """A PNG as uint8 (H, W, 3) (any mode converted by `to_rgb`)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert('RGB'))
+        im.load()
+        return np.asarray(to_rgb(im))
 
 
 def write_npz_stream(path: Path, rows: Iterable[np.ndarray], count: int, row_shape, key: str = 'arr_0',
@@ -48,7 +70,7 @@ def write_npz_stream(path: Path, rows: Iterable[np.ndarray], count: int, row_sha
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
+    tmp = temp_name(path)
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
               'shape': (count, *row_shape)}
     written = 0

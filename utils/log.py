@@ -2,6 +2,8 @@
 to TensorBoard and a JSON-lines file."""
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -31,8 +33,8 @@ def setup_logging(rank: int = 0, log_file: Optional[Path] = None, level: int = l
 class MetricWriter:
     """Scalars to TensorBoard and to `log.txt` (one JSON object per line) on rank 0; a no-op elsewhere.
 
-    On resume (`resume_step`), entries after that step are dropped from both, so a restarted run's curves continue
-    where its checkpoint was written.
+    With `resume_step` (0 for a fresh start), entries after that step are dropped from both, so a restarted run's
+    curves continue where its checkpoint was written; so is a line torn by a killed process.
     """
 
     def __init__(self, out_dir: Path, tb_name: str, enabled: bool, resume_step: Optional[int] = None):
@@ -42,9 +44,10 @@ class MetricWriter:
         if not enabled:
             return
         if resume_step is not None and self.json_path.is_file():
-            kept = [line for line in self.json_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get('step', 0) <= resume_step]
-            self.json_path.write_text(''.join(line + '\n' for line in kept))
+            kept = [line for line in self.json_path.read_text().splitlines() if _step_of(line) <= resume_step]
+            tmp = self.json_path.with_name(f'.{self.json_path.name}.tmp')
+            tmp.write_text(''.join(line + '\n' for line in kept))
+            os.replace(tmp, self.json_path)
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 needs TensorBoard
         self.tb = SummaryWriter(str(Path(out_dir) / tb_name), purge_step=resume_step)
         self.tb_dir = Path(out_dir) / tb_name
@@ -62,3 +65,11 @@ class MetricWriter:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+def _step_of(line: str) -> float:
+    """The step of a log.txt line; infinity for a blank or torn one (so that resuming drops it)."""
+    try:
+        return json.loads(line).get('step', 0)
+    except (ValueError, AttributeError):
+        return math.inf

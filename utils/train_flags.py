@@ -9,7 +9,9 @@ import torch
 
 from utils.amp import PRECISIONS, effective_precision, official_precision
 from utils.cli import UserError
+from utils.dist import DEFAULT_TIMEOUT_MIN
 from utils.lr_sched import SCHEDULES
+from utils.training import DEFAULT_KEEP_LAST, DEFAULT_MAX_NONFINITE
 
 log = logging.getLogger('viar')
 
@@ -85,21 +87,31 @@ def add_run_flags(p: argparse.ArgumentParser, ckpt_prefix: str):
                                                        'and every other random draw')
     r.add_argument('--save_freq', type=int, default=5, help='validate and save every N epochs (and at the end)')
     r.add_argument('--save_steps', type=int, default=0, help='also save every N iterations (0: off)')
+    r.add_argument('--keep_last', type=int, default=DEFAULT_KEEP_LAST,
+                   help=f'keep the newest K checkpoints ({ckpt_prefix}-ckpt-<iteration>.pth): --resume auto falls back '
+                        f'to an older one when the newest does not load')
+    r.add_argument('--max_nonfinite', type=int, default=DEFAULT_MAX_NONFINITE,
+                   help='stop after N consecutive iterations with a NaN/Inf loss (their optimizer steps are skipped)')
     r.add_argument('--max_steps', type=int, default=0, help='stop (and save) after N iterations; the lr schedule '
                                                             'still spans --ep epochs (0: off)')
     r.add_argument('--log_freq', type=int, default=100, help='log every N iterations')
     r.add_argument('--progress', action=argparse.BooleanOptionalAction,
                    help='tqdm bar on rank 0 (default: when stderr is a terminal)')
     r.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
+    r.add_argument('--dist_timeout', type=float, default=DEFAULT_TIMEOUT_MIN,
+                   help='minutes a rank waits in a collective for the others before failing (a dead or hung rank '
+                        'then ends the run instead of hanging it)')
     return r
 
 
 def check_flags(args):
-    for name in ('epochs', 'save_freq', 'log_freq'):
+    for name in ('epochs', 'save_freq', 'log_freq', 'keep_last', 'max_nonfinite'):
         if getattr(args, name) < 1:
             raise UserError(f'--{name} must be >= 1')
     if args.seed < 0:
         raise UserError('--seed must be >= 0')
+    if not args.dist_timeout > 0:
+        raise UserError(f'--dist_timeout must be > 0 minutes, got {args.dist_timeout}')
     if args.batch_size < 1 or args.accum < 1:
         raise UserError(f'--bs ({args.batch_size}) and --ac ({args.accum}) must be >= 1')
     for name in ('save_steps', 'max_steps'):
