@@ -162,14 +162,15 @@ def sample_args(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str) -> Li
 
 
 def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50,
-                  kv_policy: str = 'per_iteration') -> Dict[str, float]:
-    """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up)."""
+                  kv_policy: str = 'per_iteration', subnet=None) -> Dict[str, float]:
+    """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up); `subnet` switches an
+    explicit VAR to a VARiant subnet."""
     from models.sampler import autoregressive_infer_cfg, image_seed
     from models.schedules import parse_schedule
     vae, var = load_models(ckpt, vae_ckpt)
     labels = torch.arange(n) % var.num_classes
     kw = dict(cfg=cfg, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)],
-              kv_policy=kv_policy)
+              kv_policy=kv_policy, subnet=subnet)
     autoregressive_infer_cfg(var, 4, labels[:4], **{**kw, 'image_seeds': kw['image_seeds'][:4]})
     stats = {}
     t0 = time.perf_counter()

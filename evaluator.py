@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import PathLike, temp_name
 from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
-from utils.images import load_png_rgb
+from utils.images import to_rgb
 from utils.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
 from utils.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
@@ -128,6 +128,9 @@ class NpzImages:
         return self.path.stat().st_mtime_ns
 
 
+ALPHA_MODES = ('RGBA', 'LA', 'PA', 'RGBa', 'La')
+
+
 class PngFolder:
     """The PNGs of a folder, sorted by name, as RGB uint8 images of one size."""
 
@@ -162,8 +165,14 @@ class PngFolder:
             yield np.stack([self._load(f) for f in self.files[start:start + batch_size]])
 
     def _load(self, file: Path) -> np.ndarray:
+        """uint8 (H, W, 3); transparency is dropped as pytorch-fid and torch-fidelity do (`convert('RGB')`), other
+        modes (greyscale, palette, 16-bit) go through `to_rgb`."""
         try:
-            return load_png_rgb(file)
+            with Image.open(file) as im:
+                im.load()
+                if im.mode in ALPHA_MODES:
+                    im = im.convert('RGB')
+                return np.asarray(to_rgb(im))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise UserError(f'{file}: cannot read this image ({e}); replace or remove it') from None
 

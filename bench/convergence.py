@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.efficiency import machine
+from bench.efficiency import machine, machine_line
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import ConstantSchedule
@@ -54,7 +54,8 @@ def main():
         sys.exit(f'{args.ckpt}: an explicit VAR has no fixed-point iterations')
     RESULTS.mkdir(parents=True, exist_ok=True)
     lines = ['# Convergence of the implicit layer (paper Fig. 3 analogue)', '',
-             f"Command: `python -m bench.convergence {' '.join(sys.argv[1:])}`  ", f'Machine: {machine()}', '',
+             f"Command: `python -m bench.convergence {' '.join(sys.argv[1:])}`  ",
+             f'Machine: {machine_line(machine())}', '',
              f'Model: `{args.ckpt}` ({var.config.embed_dim} wide); {args.num_images} images, cfg {args.cfg}, '
              f'{args.iters} iterations at every scale; mean over images of the relative residual '
              f'(and of the cosine similarity) between consecutive iterates.', '']

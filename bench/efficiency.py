@@ -118,13 +118,30 @@ def run_case(name: str, shape_kw, schedule, policy, subnet, batch: int, repeats:
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {'platform': platform.platform(), 'cpu_threads': torch.get_num_threads(), 'gpu': gpu,
+    return {'platform': platform.platform(), 'cpu': cpu_name(), 'cpu_threads': torch.get_num_threads(), 'gpu': gpu,
             'torch': torch.__version__, 'python': platform.python_version()}
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def machine_line(m: dict) -> str:
+    """A machine() record as one readable line for the markdown reports."""
+    return (f"{m.get('gpu') or 'no GPU'}, {m.get('cpu', 'CPU')} ({m['cpu_threads']} torch threads), "
+            f"torch {m['torch']}, Python {m['python']}, {m['platform']}")
 
 
 def to_markdown(rows, meta) -> str:
     lines = [f"# Sampling efficiency ({meta['suite']} suite)", '',
-             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ",
+             f"Command: `{meta['command']}`  ", f"Machine: {machine_line(meta['machine'])}  ",
              f"dtype {meta['dtype']}, batch {meta['batch']}, {meta['repeats']} timed batches after one warm-up, "
              f"cfg 1.5, top-k 900, top-p 0.96, random weights. GFLOPs per image are counted (a multiply-add = 2), "
              f"transformer for both CFG halves plus tokenizer decoding.", '',

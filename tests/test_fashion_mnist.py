@@ -45,6 +45,8 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(fashion_mnist, 'DEBIAN_DIR', tmp_path / 'no-debian-package')
     monkeypatch.delenv('FASHION_MNIST_DIR', raising=False)
     with pytest.raises(UserError, match='apt-get install dataset-fashion-mnist'):
+        prepare(tmp_path / 'out', size=32)
+    with pytest.raises(UserError, match='--raw_dir .* holds no train-images-idx3-ubyte.gz'):
         prepare(tmp_path / 'out', raw_dir=str(tmp_path), size=32)
     bad = tmp_path / 'bad'
     bad.mkdir()
