@@ -1,6 +1,6 @@
 """The CPU demo, end to end on real data: Fashion-MNIST -> tokenizer -> VIAR -> samples -> FID / sFID / P / R.
 
-    bash scripts/demo.sh            # full demo (about 13 minutes on 2 CPU cores)
+    bash scripts/demo.sh            # full demo (about 12 minutes on 2 CPU cores)
     bash scripts/demo.sh --quick    # smoke run with tiny sizes (under 2 minutes)
 
 Every stage calls the project's own command-line tools (train_tokenizer.py, train.py, gen_img.py, sampling.py,
@@ -142,7 +142,7 @@ def reference_npz(data_root: Path, out: Path) -> Path:
 
 
 def reconstructions_npz(reference: Path, vae_ckpt: Path, out: Path) -> Path:
-    """The tokenizer's reconstructions of the reference images: the quality ceiling of anything generated."""
+    """The tokenizer's reconstructions of the reference images: what the decoder alone costs in the metrics."""
     path = out / 'reconstructions.npz'
     if path.is_file() and path.stat().st_mtime > vae_ckpt.stat().st_mtime:
         return path
@@ -192,15 +192,16 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
              '## Metrics', '',
              f'{plan.samples_per_class * 10} generated images per schedule against the {data_counts.get("val")} '
              'validation images (ADM protocol, offline Inception weights). The first row scores the tokenizer\'s own '
-             'reconstructions of those validation images: no generator can beat its tokenizer, so that row is the '
-             'ceiling. With so few images FID/sFID carry a large estimation bias; compare numbers within this table, '
+             'reconstructions of those validation images: every generated image passes through the same decoder, so '
+             'this row shows how far the tokenizer alone already is from the real images. With so few images '
+             'FID/sFID carry a large estimation bias and a few points of noise; compare numbers within this table, '
              'not with ImageNet results.', '',
              '| schedule | iterations per scale | FID | sFID | precision | recall | Inception Score | images/s | '
              'KV cache (MiB) |', '|---|---|---|---|---|---|---|---|---|']
     for sched, m in metrics.items():
         s = speed.get(sched, {})
         inception = f'{m["inception_score"]:.2f}' if m['inception_score'] is not None else 'unavailable*'
-        label = f'`{sched}`' if sched in speed else f'{sched} (ceiling)'
+        label = f'`{sched}`' if sched in speed else f'{sched} (decoder only)'
         iters = ','.join(map(str, s['iters_per_scale'])) if s else '-'
         speed_cells = f'{s["images_per_s"]:.1f} | {s["kv_cache_MiB"]:.2f}' if s else '- | -'
         lines.append(f'| {label} | {iters} | {m["fid"]:.2f} | {m["sfid"]:.2f} | {m["precision"]:.3f} | '

@@ -3,6 +3,7 @@
     python -m bench.efficiency --flops_only           # FLOPs of the paper's models beside the paper's numbers (fast)
     python -m bench.efficiency                        # CPU-sized shapes: images/s, memory, KV bytes, FLOPs
     python -m bench.efficiency --suite paper          # VAR-d16..d30, VARiant-d30, VIAR-d30 at 256px (use a GPU)
+    python -m bench.efficiency --suite paper-cpu --batch 1 --repeats 1   # VAR-d30 vs VIAR-d30 at 256px on a CPU
 
 Weights are random (speed and memory do not depend on them). FLOPs are counted with torch.utils.flop_counter on
 meta-device copies (no memory, no time). Every timed case runs in a fresh process so its peak memory (CUDA: max
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.inception_speed import cpu_model
 from bench.measure import sampling_flops
 from models import VAR_PRESETS, VQVAE_PRESETS, VARConfig, VQVAEConfig, build_var, build_vqvae, num_params
 from models.sampler import autoregressive_infer_cfg, image_seed
@@ -46,6 +48,10 @@ SUITES = {
     'paper': [(name, None, None, None, None) for name in ('var-d16', 'var-d20', 'var-d24', 'var-d30')] +
              [('var-d30', None, None, None, dn) for dn in SUBNETS] +
              [('viar-d30', None, s, p, None) for s in PAPER_SCHEDULES for p in ('per_iteration', 'lean')],
+    # The paper's headline comparison at full size, small enough for a CPU at batch 1 (slow, but it runs).
+    'paper-cpu': [('var-d30', None, None, None, None), ('var-d30', None, None, None, (8, 6)),
+                  ('viar-d30', None, 'linear:10,10', 'per_iteration', None),
+                  ('viar-d30', None, 'const:2', 'per_iteration', None), ('viar-d30', None, 'const:2', 'lean', None)],
 }
 # The VIAR paper's Table 5 (TFLOPs per image); see `paper_tflops` for how they relate to counted FLOPs.
 PAPER_TFLOPS = {'var-d30': '1.88', 'viar-d30': '0.84 - 1.46'}
@@ -118,19 +124,8 @@ def run_case(name: str, shape_kw, schedule, policy, subnet, batch: int, repeats:
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {'platform': platform.platform(), 'cpu': cpu_name(), 'cpu_threads': torch.get_num_threads(), 'gpu': gpu,
+    return {'platform': platform.platform(), 'cpu': cpu_model(), 'cpu_threads': torch.get_num_threads(), 'gpu': gpu,
             'torch': torch.__version__, 'python': platform.python_version()}
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def machine_line(m: dict) -> str:

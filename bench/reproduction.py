@@ -138,10 +138,11 @@ def to_markdown(rows, meta) -> str:
              f"{meta['train_seconds']['viar-demo'] / 60:.1f} min for VIAR). VIAR has {viar_params:,} parameters, "
              f"{viar_params / var_params * 100:.1f} % of the VAR's {var_params:,}. Metrics: "
              f"{plan['samples_per_class'] * 10} samples (cfg {plan['cfg']}) against {plan['val_per_class'] * 10} "
-             'validation images, offline Inception weights; images/s for batches of 50 on the CPU; GFLOPs counted '
-             'per image (both CFG halves, decoder included). VARiant rows: the VAR fine-tuned one more epoch as a '
-             f"supernet (`{meta['supernet_args']}`, {meta['train_seconds'][SUPERNET] / 60:.1f} min), sampled at full "
-             'depth and with the subnet; the "cut" row runs the same subnet of the plain VAR, without that training.',
+             'validation images, offline Inception weights; images/s for batches of 50 on the CPU in float32; GFLOPs '
+             'counted per image (both CFG halves, decoder included). VARiant rows: the VAR fine-tuned one more epoch '
+             f"as a supernet (`{meta['supernet_args']}`, {meta['train_seconds'][SUPERNET] / 60:.1f} min), sampled at "
+             'full depth and with the subnet; the "cut" row runs the same subnet of the plain VAR, without that '
+             'training.',
              '',
              '| model / schedule | params | iterations per scale | FID | sFID | precision | recall | images/s | '
              'KV cache (MiB) | GFLOPs/image |', '|---|---|---|---|---|---|---|---|---|---|']

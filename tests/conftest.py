@@ -68,3 +68,13 @@ def forkserver():
     from tests.forkserver import ForkServer
     with ForkServer() as server:
         yield server
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    """For the training tests: a tiny ImageFolder (3 classes, odd image modes mixed in) and a tiny tokenizer
+    checkpoint, as (images, vae); `tests.train_helpers.data_args` turns it into train.py arguments."""
+    from tests.train_helpers import make_image_folder, tiny_tokenizer
+    root = tmp_path_factory.mktemp('data')
+    make_image_folder(root / 'images')
+    return root / 'images', tiny_tokenizer(root / 'vae.pth')

@@ -15,8 +15,7 @@ import torch
 import train
 from tests.conftest import ROOT
 from tests.test_train import DETERMINISTIC, TINY_MODEL, TINY_RUN
-from tests.train_helpers import (kill_tree, launch, load_weights, make_image_folder, read_log, subprocess_env,
-                                 tiny_tokenizer)
+from tests.train_helpers import data_args, kill_tree, launch, load_weights, read_log, subprocess_env
 from utils.amp import AmpOptimizer
 from utils.checkpoint import load_file
 from utils.cli import run
@@ -37,17 +36,8 @@ STOCHASTIC_RUN = ['--hflip', '--workers', '0', '--max_steps', str(TOTAL), '--sav
 LOGGED_ITER = re.compile(r' it \d+/\d+ \((\d+)\) \|')
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_image_folder(root / 'images')
-    return root / 'images', tiny_tokenizer(root / 'vae.pth')
-
-
 def train_args(data, out_dir, *extra):
-    images, vae = data
-    return ['--data_path', str(images), '--vae_ckpt', str(vae), '--out_dir', str(out_dir), *TINY_MODEL, *TINY_RUN,
-            *extra]
+    return data_args(data, out_dir, *TINY_MODEL, *TINY_RUN, *extra)
 
 
 def logged(text: str) -> int:

@@ -14,8 +14,8 @@ import train
 from bench.train_memory import fake_batch, saved_bytes
 from models import VQVAEConfig, build_var, num_params
 from tests.conftest import ROOT, make_var
-from tests.train_helpers import (SUBPROCESS_TIMEOUT, kill_tree, launch, load_weights, make_image_folder, read_log,
-                                 run_cli, subprocess_env, tiny_tokenizer)
+from tests.train_helpers import (SUBPROCESS_TIMEOUT, data_args, kill_tree, launch, load_weights, make_image_folder,
+                                 read_log, run_cli, subprocess_env)
 from utils.cli import run
 from utils.data import build_datasets, build_transform
 from utils.export import export
@@ -36,17 +36,8 @@ PAPER_VIAR_PARAMS = 770_884_426
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_image_folder(root / 'images')
-    return root / 'images', tiny_tokenizer(root / 'vae.pth')
-
-
 def train_args(data, out_dir, *extra):
-    images, vae = data
-    return ['--data_path', str(images), '--vae_ckpt', str(vae), '--out_dir', str(out_dir), *TINY_MODEL, *TINY_RUN,
-            *extra]
+    return data_args(data, out_dir, *TINY_MODEL, *TINY_RUN, *extra)
 
 
 def test_two_ranks_match_one_rank(data, tmp_path):

@@ -9,7 +9,7 @@ import torch
 import train
 from models import VARConfig, build_var
 from models.subnet import SubnetSpec
-from tests.train_helpers import load_weights, make_image_folder, read_log, run_cli, tiny_tokenizer
+from tests.train_helpers import data_args, load_weights, read_log, run_cli
 from utils.checkpoint import save_atomic
 from utils.cli import run
 from utils.loading import KIND_VAR, load_models, load_vae, model_checkpoint
@@ -27,17 +27,8 @@ TINY_RUN = ['--bs', '8', '--ep', '2', '--tblr', '0.05', '--log_freq', '1', '--no
             '--save_freq', '1']
 
 
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data')
-    make_image_folder(root / 'images')
-    return root / 'images', tiny_tokenizer(root / 'vae.pth')
-
-
 def train_args(data, out_dir, *extra):
-    images, vae = data
-    return ['--data_path', str(images), '--vae_ckpt', str(vae), '--out_dir', str(out_dir), *TINY_VAR, *TINY_RUN,
-            *extra]
+    return data_args(data, out_dir, *TINY_VAR, *TINY_RUN, *extra)
 
 
 def subnet_log(out_dir):

@@ -97,6 +97,12 @@ def load_weights(path: Path) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location='cpu', weights_only=True)['model']
 
 
+def data_args(data, out_dir, *extra) -> List[str]:
+    """train.py arguments for the `data` fixture, writing to out_dir."""
+    images, vae = data
+    return ['--data_path', str(images), '--vae_ckpt', str(vae), '--out_dir', str(out_dir), *extra]
+
+
 @pytest.fixture()
 def one_thread():
     """In-process training runs on one thread: on a shared 2-core machine OpenMP's spinning threads slow tiny
