@@ -62,6 +62,8 @@ def serve():
     print(json.dumps({'ready': os.getpid()}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
+        if request['op'] == 'exit':
+            break
         if request['op'] == 'start':
             for path in (request['stdout'], request['stderr']):  # exist (empty) before the reply
                 open(path, 'w').close()
@@ -163,9 +165,16 @@ class ForkServer:
         return child
 
     def close(self):
+        """Ask the server to exit. Not by closing its stdin alone: a process forked from the test process (e.g. a
+        DataLoader worker) may still hold the pipe's write end, so EOF could come late or never."""
         if self.proc.poll() is None:
-            self.proc.stdin.close()
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.stdin.write(json.dumps({'op': 'exit'}) + '\n')
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
 
     def __enter__(self):
         return self
