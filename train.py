@@ -215,6 +215,7 @@ class ARTrainer:
         res = StepResult(loss, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
+            res.skipped_steps = self.amp.skipped_steps
         if want_metrics:
             res.metrics = self.metrics(loss_BL.detach(), logits_BLV.detach(), gt_BL)
             m = res.metrics

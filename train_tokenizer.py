@@ -200,6 +200,7 @@ class TokenizerTrainer:
         res = StepResult(loss_value, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
+            res.skipped_steps = self.amp.skipped_steps
         if want_metrics:
             res.metrics, res.summary = self.metrics(terms, usages)
         return res

@@ -258,6 +258,9 @@ def test_nonfinite_losses_skip_steps_then_stop(data, tmp_path, capsys):
     assert 'non-finite loss (nan) at iteration 3: its optimizer step is skipped (1 in a row' in log
     assert '1 step(s) skipped (non-finite gradients)' in log
     assert [r['opt/skipped_steps'] for r in read_log(out) if 'opt/skipped_steps' in r][-1] == 2
+    # The count lives in the checkpoint: a resumed run goes on from it (the curve does not drop back to 0).
+    assert run(train.main, train.get_parser(), train_args(data, out, *args, '--max_steps', '8')) == 0
+    assert {r['opt/skipped_steps'] for r in read_log(out) if r.get('step', 0) > 6 and 'opt/skipped_steps' in r} == {2}
 
     out = tmp_path / 'persistent'
     capsys.readouterr()

@@ -103,10 +103,11 @@ class AmpOptimizer:
     def state_dict(self) -> Dict[str, Any]:
         return {'optimizer': self.optimizer.state_dict(),
                 'scaler': None if self.scaler is None else self.scaler.state_dict(),
-                'reset_scale': self.reset_scale}
+                'reset_scale': self.reset_scale, 'skipped_steps': self.skipped_steps}
 
     def load_state_dict(self, state: Dict[str, Any]):
         self.optimizer.load_state_dict(state['optimizer'])
         if self.scaler is not None and state.get('scaler'):
             self.scaler.load_state_dict(state['scaler'])
         self.reset_scale = state.get('reset_scale', SCALER_INIT)
+        self.skipped_steps = state.get('skipped_steps', 0)

@@ -77,13 +77,23 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def same_on_all_ranks(obj) -> bool:
-    """Whether every rank passed an equal (picklable) object; True for one process."""
+def all_gather_object(obj) -> list:
+    """Every rank's (picklable) object, in rank order; [obj] for one process."""
     if not is_initialized():
-        return True
+        return [obj]
     objs = [None] * tdist.get_world_size()
     tdist.all_gather_object(objs, obj)
-    return all(o == objs[0] for o in objs)
+    return objs
+
+
+def all_equal(values) -> bool:
+    values = list(values)
+    return all(v == values[0] for v in values)
+
+
+def same_on_all_ranks(obj) -> bool:
+    """Whether every rank passed an equal (picklable) object; True for one process."""
+    return all_equal(all_gather_object(obj))
 
 
 def destroy():

@@ -84,12 +84,7 @@ def _as_tuple(v):
 
 def gather_rng_states(generators: Dict[str, random.Random]) -> List[Dict[str, Any]]:
     """Every rank's RNG states, in rank order (the same list on all ranks)."""
-    mine = rng_state(generators)
-    if not dist.is_initialized():
-        return [mine]
-    out: List[Any] = [None] * dist.get_world_size()
-    tdist.all_gather_object(out, mine)
-    return out
+    return dist.all_gather_object(rng_state(generators))
 
 
 def restore_rng_states(states: Optional[List[Dict[str, Any]]], generators: Dict[str, random.Random], seed: int,
@@ -105,29 +100,16 @@ def restore_rng_states(states: Optional[List[Dict[str, Any]]], generators: Dict[
     log.warning('checkpoint holds RNG states of %s rank(s), this run has %d: re-seeding the per-rank random streams '
                 '(the run continues, but not bit-identically)', 'no' if states is None else len(states), world)
     # Freshly seeded generators are equal on every rank exactly when they are meant to be shared.
-    fresh = _all_gather({key: gen.getstate() for key, gen in generators.items()})
+    fresh = dist.all_gather_object({key: gen.getstate() for key, gen in generators.items()})
     seed_process(mix_seed(seed, step), rank)
     for i, (key, gen) in enumerate(generators.items()):
-        shared_now = world > 1 and _all_equal(f[key] for f in fresh)
+        shared_now = world > 1 and dist.all_equal(f[key] for f in fresh)
         saved = [_as_tuple(s[key]) for s in states or [] if key in s]
-        shared_before = len(saved) == 1 or (len(saved) > 1 and _all_equal(saved))
+        shared_before = bool(saved) and dist.all_equal(saved)
         if shared_before and (shared_now or world == 1):
             gen.setstate(saved[0])
         else:
             gen.seed(mix_seed(seed, step, i) if shared_now else mix_seed(seed, step, rank, i))
-
-
-def _all_gather(obj: Any) -> List[Any]:
-    if not dist.is_initialized():
-        return [obj]
-    out: List[Any] = [None] * dist.get_world_size()
-    tdist.all_gather_object(out, obj)
-    return out
-
-
-def _all_equal(values) -> bool:
-    values = list(values)
-    return all(v == values[0] for v in values)
 
 
 # ---- output folder, checkpoint files, resume -----------------------------------------------------------------------
@@ -246,11 +228,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 def check_replicas(*models: torch.nn.Module) -> str:
     """The weights' digest, after checking that every rank holds bit-identical weights (raises if not)."""
     digest = hashlib.sha256(''.join(weights_digest(m) for m in models).encode()).hexdigest()
-    if dist.is_initialized():
-        digests: List[Any] = [None] * dist.get_world_size()
-        tdist.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f'ranks hold different weights: {[d[:12] for d in digests]}')
+    digests = dist.all_gather_object(digest)
+    if not dist.all_equal(digests):
+        raise RuntimeError(f'ranks hold different weights: {[d[:12] for d in digests]}')
     return digest
 
 
@@ -263,6 +243,7 @@ class StepResult:
     wd: float
     grad_norm: Optional[float] = None      # pre-clip norm; only on micro-batches that stepped
     scale_log2: Optional[float] = None     # fp16 loss scale
+    skipped_steps: Optional[int] = None    # optimizer steps skipped so far for non-finite gradients (AmpOptimizer)
     metrics: Optional[Dict[str, float]] = None  # TensorBoard tag -> value, when asked for
     summary: str = ''                      # the model-specific part of the log line
 
@@ -379,21 +360,26 @@ class StopSignal:
 
 
 class NonFiniteGuard:
-    """Counts optimizer steps skipped for non-finite gradients (fp16 loss-scale overflows, NaN) and stops the run
-    after `patience` consecutive iterations with a NaN/Inf loss. Skipped steps leave the weights untouched, so the
-    checkpoints written meanwhile hold the last good weights."""
+    """Reports optimizer steps skipped for non-finite gradients (fp16 loss-scale overflows, NaN; AmpOptimizer skips and
+    counts them) and stops the run after `patience` consecutive iterations with a NaN/Inf loss. Skipped steps leave the
+    weights untouched, so the checkpoints written meanwhile hold the last good weights."""
 
     def __init__(self, patience: int):
         if patience < 1:
             raise UserError(f'--max_nonfinite must be >= 1, got {patience}')
         self.patience = patience
         self.streak, self.first = 0, None
-        self.skipped_total = self.skipped_since_log = 0
+        self.skipped_total, self.skipped_logged = 0, None  # AmpOptimizer's count now and at the last log line
+
+    @property
+    def skipped_since_log(self) -> int:
+        return self.skipped_total - (self.skipped_logged or 0)
 
     def update(self, it: int, res: StepResult):
-        if res.grad_norm is not None and not math.isfinite(res.grad_norm):
-            self.skipped_total += 1
-            self.skipped_since_log += 1
+        if res.skipped_steps is not None:
+            if self.skipped_logged is None:  # the first step of this process: what came before was reported
+                self.skipped_logged = res.skipped_steps - (not math.isfinite(res.grad_norm))
+            self.skipped_total = res.skipped_steps
         if math.isfinite(res.loss):
             self.streak = 0
             return
@@ -545,7 +531,7 @@ class TrainLoop:
         scale = '' if res.scale_log2 is None else f' scale 2^{res.scale_log2:.0f}'
         if self.guard.skipped_since_log:
             scale += f' | {self.guard.skipped_since_log} step(s) skipped (non-finite gradients)'
-            self.guard.skipped_since_log = 0
+        self.guard.skipped_logged = self.guard.skipped_total
         grad = 'n/a' if res.grad_norm is None else f'{res.grad_norm:.3g}'
         log.info('ep %d/%d it %d/%d (%d) | %s | lr %.3g wd %.3g | gnorm %s%s | %s | mem %.2f GiB', epoch + 1,
                  self.args.epochs, epoch_it, self.plan.iters_per_epoch, it, res.summary, res.lr, res.wd, grad, scale,
