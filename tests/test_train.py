@@ -1,5 +1,6 @@
 """train.py end to end on tiny configs: 2-rank DDP vs 1 rank, killed-and-resumed runs, constant S-JFB memory, the
 paper's command, token cache, export, and the one-line errors."""
+import multiprocessing
 import os
 import shlex
 import subprocess
@@ -204,5 +205,7 @@ def test_corrupt_image_is_named_or_skipped(data, tmp_path, capsys):
             '--max_steps', '2', '--workers', '1']
     err = _fails([*args, '--out_dir', str(tmp_path / 'a')], capsys, f'cannot read image {bad}')
     assert '--skip_bad_images' in err
+    # Its data worker ignores SIGTERM, so the failed run must have shut it down itself (else the exit would hang).
+    assert not multiprocessing.active_children()
     assert run(train.main, train.get_parser(), [*args, '--out_dir', str(tmp_path / 'b'), '--skip_bad_images']) == 0
     assert f'cannot read image {bad}' in (tmp_path / 'b' / 'stdout.txt').read_text()

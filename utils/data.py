@@ -214,6 +214,20 @@ def ignore_stop_signals(worker_id: int):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def stop_workers(*loaders: Optional[DataLoader]):
+    """Shut the persistent worker processes of these loaders down now, through their queues.
+
+    They ignore SIGTERM (`ignore_stop_signals`), so they must not be left to the interpreter's exit: multiprocessing
+    would terminate them with SIGTERM and then wait for them forever (a loader kept alive by an exception's traceback
+    did exactly that).
+    """
+    for loader in loaders:
+        it = getattr(loader, '_iterator', None)
+        if it is not None:
+            it._shutdown_workers()
+            loader._iterator = None
+
+
 def make_loader(dataset: Dataset, batch_sampler, workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader over `batch_sampler`; its own generator keeps the global torch RNG untouched (resume exactness)."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
@@ -299,13 +313,17 @@ def build_token_cache(cache_dir, vae, train: ImageFolder, image_size: int, mid_r
     lo, hi = N * rank // world, N * (rank + 1) // world
     batches = [[(i, 0) for i in range(s, min(s + batch_size, hi))] for s in range(lo, hi, batch_size)]
     device = next(vae.parameters()).device
-    for batch, (img, label) in zip(batches, make_loader(images, batches, workers, device.type == 'cuda')):
-        pos = [i for i, _ in batch]
-        arr_labels[pos] = label.numpy()  # with --skip_bad_images a broken file's slot holds its substitute
-        img = img.to(device, non_blocking=True)
-        for view in range(views):
-            x = img if view == 0 else img.flip(-1)
-            arr[pos, view] = torch.cat(vae.img_to_idxBl(x), dim=1).cpu().numpy().astype(dtype)
+    loader = make_loader(images, batches, workers, device.type == 'cuda')
+    try:
+        for batch, (img, label) in zip(batches, loader):
+            pos = [i for i, _ in batch]
+            arr_labels[pos] = label.numpy()  # with --skip_bad_images a broken file's slot holds its substitute
+            img = img.to(device, non_blocking=True)
+            for view in range(views):
+                x = img if view == 0 else img.flip(-1)
+                arr[pos, view] = torch.cat(vae.img_to_idxBl(x), dim=1).cpu().numpy().astype(dtype)
+    finally:
+        stop_workers(loader)
     arr.flush()
     arr_labels.flush()
     del arr, arr_labels

@@ -412,9 +412,13 @@ class TrainLoop:
     def run(self, start_it: int, best: float) -> int:
         """Train; returns the exit code: 0, or 128 + the signal number after a signal made it save and stop."""
         # With a progress bar, log lines are printed through tqdm so that they do not tear the bar.
-        with logging_redirect_tqdm([logging.getLogger()]) if self.progress else contextlib.nullcontext(), \
-                StopSignal() as self.stop:
-            return self._run(start_it, best)
+        from utils.data import stop_workers  # here: utils.data imports this module
+        try:
+            with logging_redirect_tqdm([logging.getLogger()]) if self.progress else contextlib.nullcontext(), \
+                    StopSignal() as self.stop:
+                return self._run(start_it, best)
+        finally:
+            stop_workers(self.loader, self.val_loader)
 
     def _run(self, start_it: int, best: float) -> int:
         args, plan = self.args, self.plan
