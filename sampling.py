@@ -113,7 +113,9 @@ def main(args):
     out_dir, meta_path, npz_path = root / name, root / f'{name}.json', root / f'{name}.npz'
     knobs = knobs_of(args, var, schedule, subnet, classes, amp_dtype)
     if args.dry_run:
-        print(npz_path)
+        if info.is_main:
+            print(npz_path)
+        dist.destroy()
         return
     if info.is_main:
         claim_run_dir(out_dir, meta_path, knobs)
