@@ -1,0 +1,96 @@
+"""Reconstruction quality of the demo tokenizer against its training time: why the demo's preset is what it is.
+
+    python -m bench.tokenizer_study            # about 35 minutes on 2 CPU cores -> bench/results/tokenizer_study.md
+
+Each configuration trains with the demo's recipe (bf16 autocast, L2 + L1, dead-code restarts) on the demo's training
+images, keeping the checkpoint of every epoch; the reconstructions of the demo's floor images (100 training images per
+class) by each checkpoint are scored against the demo's reference (100 validation images per class), beside the floor
+itself (the same real images, unreconstructed). Outputs in local_output/tokenizer_study.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import demo
+import train_tokenizer
+from bench.efficiency import machine, machine_line
+from utils.cli import ArgumentParser, main_entry
+from utils.fashion_mnist import prepare
+from utils.log import setup_logging
+from utils.quality_report import quality_table
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+# (label, train_tokenizer.py flags on top of the demo recipe, epochs)
+CONFIGS = (
+    ('8x8 latent, scales 1-8 (the earlier demo preset)', ('--preset', 'vae-demo-fmnist32', '--ch_mult', '1', '2', '2',
+                                                          '--pn', '1_2_3_4_6_8'), 3),
+    ('16x16 latent, scales 1-16 (vae-demo-fmnist32)', ('--preset', 'vae-demo-fmnist32'), 3),
+)
+QUICK_CONFIGS = (('16x16 latent, quick', ('--preset', 'vae-demo-fmnist32'), 2),)
+
+
+def get_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--out', default='local_output/tokenizer_study')
+    p.add_argument('--data', default='data/fashion_mnist_demo')
+    p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--quick', action='store_true', help="the demo's quick plan: a smoke run, numbers meaningless")
+    return p
+
+
+def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, flags, epochs: int, seed: int,
+                                 quick: bool):
+    """Train one configuration; returns [(epoch, seconds since the start, checkpoint)] for every epoch."""
+    marker = out / 'started.json'
+    if not marker.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({'time': time.time()}))
+    started = json.loads(marker.read_text())['time']
+    demo.call_cli(train_tokenizer, demo.common_train_args(root, plan, seed, quick) + [
+        '--ep', str(epochs), '--tblr', str(plan.tokenizer_lr), '--l1_weight', '1.0', '--restart_every', '50',
+        '--keep_last', str(epochs), '--out_dir', str(out), *flags], 'tokenizer training')
+    ckpts = sorted(out.glob('vae-ckpt-0*.pth'))
+    return [(i + 1, ckpt.stat().st_mtime - started, ckpt) for i, ckpt in enumerate(ckpts)]
+
+
+def main(args):
+    setup_logging(0)
+    started = time.time()
+    plan = demo.QUICK if args.quick else demo.FULL
+    out = Path(args.out)
+    root = prepare(Path(args.data), size=demo.IMAGE_SIZE, raw_dir=args.raw_dir, per_class=plan.train_per_class,
+                   val_per_class=plan.val_per_class)
+    reference, floor = demo.reference_npz(root, out), demo.floor_npz(root, out, plan.floor_per_class)
+    sets, extra = {demo.FLOOR_ROW: floor}, {}
+    train_images = json.loads((root / 'prepared.json').read_text())['counts']['train']
+    for c, (label, flags, epochs) in enumerate(QUICK_CONFIGS if args.quick else CONFIGS):
+        run_dir = out / f'config{c}'
+        for epoch, seconds, ckpt in train_with_epoch_checkpoints(root, run_dir, plan, flags, epochs, args.seed,
+                                                                 args.quick):
+            row = f'{label}, epoch {epoch}'
+            sets[row] = demo.reconstructions_npz(floor, ckpt, run_dir / f'epoch{epoch}')
+            extra[row] = {'training (s)': f'{seconds:.0f}', 'images seen': f'{epoch * train_images:,}'}
+    metrics = demo.score_sets(reference, sets, plan.resamples)
+    meta = {'command': 'python -m bench.tokenizer_study ' + ' '.join(sys.argv[1:]), 'machine': machine(),
+            'plan': demo.asdict(plan), 'total_seconds': time.time() - started}
+    lines = ['# Tokenizer study: reconstruction quality vs training time (Fashion-MNIST 32x32)', '',
+             f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min)  ",
+             f"Machine: {machine_line(meta['machine'])}", '',
+             f"The demo's recipe (batch {plan.batch_size}, base lr {plan.tokenizer_lr}, {plan.precision} autocast, "
+             f'L2 + L1, cosine schedule over the epochs shown) on {plan.train_per_class} training images per class. '
+             'Rows: reconstructions of the floor images by the checkpoint after each epoch, against the '
+             f'{plan.val_per_class * 10} validation images; ± is the bootstrap standard error. Training seconds '
+             'include the per-epoch validation and checkpoint writes.', '',
+             *quality_table(metrics, demo.FLOOR_ROW, extra, ('training (s)', 'images seen')), '']
+    results = out if args.quick else RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    (results / 'tokenizer_study.json').write_text(json.dumps({'meta': meta, 'metrics': metrics, 'extra': extra},
+                                                             indent=1))
+    (results / 'tokenizer_study.md').write_text('\n'.join(lines))
+    print(f'wrote {results / "tokenizer_study.md"}')
+
+
+if __name__ == '__main__':
+    main_entry(main, get_parser())
