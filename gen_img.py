@@ -123,7 +123,7 @@ def main(args):
     check_knobs(args)
     out_dir = writable_dir(args.out_dir, '--out_dir')
     device = resolve_device(args.device)
-    amp_dtype = autocast_dtype(args.dtype, device)
+    amp_dtype = autocast_dtype(args.precision, device)
     vae, var = load_from_args(args, device)
     schedule = schedule_from_args(args, var)
     solver = make_solver(args.solver)
@@ -152,7 +152,7 @@ def main(args):
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]
     log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
-             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}')
+             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, precision {amp_dtype}')
     images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
                       trace=trace)
     prefix = 'edit' if edit is not None else 'class'

@@ -101,7 +101,7 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
     torch.backends.cudnn.allow_tf32 = True
     device = info.device
-    amp_dtype = autocast_dtype(args.dtype, device)
+    amp_dtype = autocast_dtype(args.precision, device)
     vae, var = load_from_args(args, device)
     classes = parse_classes(args.classes, var.num_classes)
     schedule = schedule_from_args(args, var, calibration_seed=args.seed)
@@ -126,7 +126,8 @@ def main(args):
             if not all((out_dir / f'{i:06d}.png').exists()
                        for i in range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))]
     log.info(f'{name}: {total} images ({args.per_class} x {len(classes)} classes), {num_batches} batches, '
-             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}')
+             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}, precision '
+             f'{knobs["dtype"]}')
     t0 = time.time()
     done = 0
     for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):

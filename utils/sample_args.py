@@ -31,8 +31,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     g.add_argument('--pre_depth', type=int, default=None, help='assert the VIAR checkpoint has this many pre-blocks')
     g.add_argument('--post_depth', type=int, default=None, help='assert this many post-blocks')
     g.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
-    g.add_argument('--dtype', default='auto', choices=['auto', *DTYPES],
-                   help='autocast dtype of the transformer (auto: fp16 on CUDA as the official sampler, fp32 on CPU)')
+    g.add_argument('--precision', '--dtype', dest='precision', default='auto', choices=['auto', *DTYPES],
+                   help='autocast precision of the transformer on the device in use, the CPU included (auto: fp16 '
+                        'on CUDA as the official sampler, fp32 on the CPU); --dtype is the older spelling')
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: float = 0.96):
@@ -65,6 +66,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of --precision NAME on `device`."""
     if name == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     return DTYPES[name]
