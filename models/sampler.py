@@ -61,8 +61,8 @@ class SamplerRNG:
         return torch.empty_like(x_BlV).exponential_(generator=self.batch_gen)
 
 
-def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p."""
+def _filter_full_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The official filter: top-k by threshold (ties at the k-th value survive), then top-p over a full sort."""
     if 0 < top_k < logits_BlV.shape[-1]:  # top_k >= V keeps every token
         kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
@@ -71,6 +71,35 @@ def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
         sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         sorted_remove[..., -1:] = False  # always keep the most likely token
         logits_BlV.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
+    return logits_BlV
+
+
+def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p.
+
+    Bit for bit the official filter, which sorts the whole vocabulary for the nucleus although only the top-k
+    survivors can remain; with both filters on, only those k are sorted. The official sorted row is -inf everywhere
+    but its last k entries, so the softmax and cumulative sums are taken over that same row and give the same floats.
+    Rows whose official result depends on how its sort orders equal logits (ties at the k-th value or across the
+    nucleus edge: rare in float32) go through the official code.
+    """
+    V = logits_BlV.shape[-1]
+    if top_p <= 0 or not 0 < top_k < V or not logits_BlV.is_contiguous():
+        return _filter_full_(logits_BlV, top_k, top_p)
+    rows_RV = logits_BlV.view(-1, V)
+    desc_vals, desc_idx = rows_RV.topk(top_k, largest=True, sorted=True, dim=-1)
+    ties_R = (rows_RV >= desc_vals[:, -1:]).sum(dim=-1) > top_k      # ties at the k-th value survive as well
+    sorted_vals, sorted_idx = desc_vals.flip(-1), desc_idx.flip(-1)  # ascending, as the official sort
+    official_RV = torch.full_like(rows_RV, -torch.inf)
+    official_RV[:, V - top_k:] = sorted_vals
+    sorted_remove = official_RV.softmax(dim=-1).cumsum_(dim=-1)[:, V - top_k:] <= (1 - top_p)
+    sorted_remove[:, -1:] = False  # always keep the most likely token
+    edge = sorted_remove[:, :-1] & ~sorted_remove[:, 1:]
+    ties_R |= (edge & (sorted_vals[:, :-1] == sorted_vals[:, 1:])).any(dim=-1)   # equal logits across the edge
+    tied_rows = rows_RV[ties_R] if ties_R.any() else None
+    rows_RV.fill_(-torch.inf).scatter_(-1, sorted_idx, sorted_vals.masked_fill_(sorted_remove, -torch.inf))
+    if tied_rows is not None:
+        rows_RV[ties_R] = _filter_full_(tied_rows, top_k, top_p)
     return logits_BlV
 
 
