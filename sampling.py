@@ -21,6 +21,7 @@ from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from utils import dist
 from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.hub import is_hub_reference
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
@@ -55,10 +56,15 @@ def run_name(args, var, schedule, subnet) -> str:
     return f'{stem}-cfg{args.cfg:g}-{compute}-seed{args.seed}'
 
 
+def checkpoint_name(ref: str) -> str:
+    """How a run records a checkpoint: a Hub reference as given, a file by its absolute path."""
+    return ref if is_hub_reference(ref) else os.path.abspath(ref)
+
+
 def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> dict:
     """Everything that determines the images (compared on resume, saved beside the .npz)."""
     return {
-        'ckpt': os.path.abspath(args.ckpt), 'vae_ckpt': os.path.abspath(args.vae_ckpt),
+        'ckpt': checkpoint_name(args.ckpt), 'vae_ckpt': checkpoint_name(args.vae_ckpt),
         'model': var.config.to_dict(), 'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p,
         'more_smooth': args.more_smooth, 'schedule': str(schedule),
         'iters_per_scale': schedule.caps(len(var.patch_nums)) if var.use_implicit else None,

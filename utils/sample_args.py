@@ -12,6 +12,7 @@ from models.sampler import resolve_schedule
 from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from utils.cli import UserError
+from utils.hub import resolve_checkpoint
 from utils.loading import load_models
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -21,8 +22,10 @@ def add_model_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group('model')
     g.add_argument('--ckpt', '--ckpt_path', dest='ckpt', default='ckpts/viar.pth',
                    help='VAR/VIAR checkpoint: ours (config inside), an official training checkpoint, or a released '
-                        'state dict (.pth/.safetensors)')
-    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='tokenizer checkpoint')
+                        'state dict (.pth/.safetensors); hf:OWNER/REPO/FILE takes it from the Hugging Face Hub '
+                        '(cached: later runs need no network)')
+    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth',
+                   help='tokenizer checkpoint (a path or hf:OWNER/REPO/FILE)')
     g.add_argument('--preset', choices=sorted(VAR_PRESETS), default=None,
                    help='architecture of a bare released state dict (default: read off its keys and shapes)')
     g.add_argument('--use_implicit', action=argparse.BooleanOptionalAction, default=None,
@@ -81,8 +84,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def load_from_args(args, device: torch.device) -> Tuple[VQVAE, VAR]:
     """Load tokenizer and transformer, checking the optional architecture assertions."""
-    vae, var = load_models(args.ckpt, args.vae_ckpt, preset=args.preset, device=device,
-                           expect_implicit=args.use_implicit)
+    ckpt, vae_ckpt = resolve_checkpoint(args.ckpt, '--ckpt'), resolve_checkpoint(args.vae_ckpt, '--vae_ckpt')
+    vae, var = load_models(ckpt, vae_ckpt, preset=args.preset, device=device, expect_implicit=args.use_implicit)
     cfg = var.config
     for flag in ('depth', 'pre_depth', 'post_depth'):
         want = getattr(args, flag)
