@@ -84,7 +84,8 @@ def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
     nucleus edge: rare in float32) go through the official code.
     """
     V = logits_BlV.shape[-1]
-    if top_p <= 0 or not 0 < top_k < V or not logits_BlV.is_contiguous():
+    # Meta tensors (FLOP counting) have no values to look for ties in.
+    if top_p <= 0 or not 0 < top_k < V or not logits_BlV.is_contiguous() or logits_BlV.is_meta:
         return _filter_full_(logits_BlV, top_k, top_p)
     rows_RV = logits_BlV.view(-1, V)
     desc_vals, desc_idx = rows_RV.topk(top_k, largest=True, sorted=True, dim=-1)
