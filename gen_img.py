@@ -26,7 +26,7 @@ from utils.log import setup_logging
 from utils.plots import write_trace
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
                                load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
-                               subnet_from_args)
+                               subnet_from_args, trunk_step_from_args)
 
 log = logging.getLogger('viar')
 GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
@@ -111,7 +111,7 @@ def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: Lis
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=seeds[start:start + args.batch_size],
                                            kv_policy=args.kv_policy, solver=solver, edit=edit, subnet=subnet,
-                                           trace=trace if start == 0 else None)
+                                           trace=trace if start == 0 else None, trunk_step=trunk_step_from_args(args))
         out.append(img.float().cpu())
     return torch.cat(out)
 

@@ -25,7 +25,8 @@ from utils.hub import is_hub_reference
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
 from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, parse_classes, schedule_from_args, subnet_from_args)
+                               load_from_args, parse_classes, schedule_from_args, subnet_from_args,
+                               trunk_step_from_args)
 
 log = logging.getLogger('viar')
 
@@ -74,6 +75,7 @@ def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> di
                                                'layers': list(subnet.layers(var.depth))},
         'classes': classes, 'batch_size': args.batch_size, 'dtype': str(amp_dtype).replace('torch.', ''),
         'image_size': var.vae.config.image_size,
+        'compile': args.compile_mode if args.compile else None,   # compiled kernels may round differently
     }
 
 
@@ -113,6 +115,7 @@ def main(args):
     schedule = schedule_from_args(args, var, calibration_seed=args.seed)
     solver = make_solver(args.solver)
     subnet = subnet_from_args(args, var)
+    trunk_step = trunk_step_from_args(args)
 
     name = args.name or run_name(args, var, schedule, subnet)
     root = Path(args.sample_dir)
@@ -143,7 +146,8 @@ def main(args):
             img = autoregressive_infer_cfg(var, len(idx), labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=[image_seed(args.seed, i) for i in idx],
-                                           kv_policy=args.kv_policy, solver=solver, subnet=subnet)
+                                           kv_policy=args.kv_policy, solver=solver, subnet=subnet,
+                                           trunk_step=trunk_step)
         for i, arr in zip(idx, to_uint8_hwc(img)):
             save_png_atomic(arr, out_dir / f'{i:06d}.png')
         done += len(idx)

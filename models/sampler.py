@@ -1,7 +1,7 @@
 """The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p, editing) used by every entry point."""
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -188,6 +188,26 @@ def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: Trun
     return x_BlC, calls[0]
 
 
+# torch.compile of the per-scale trunk step: static shapes give one graph per scale (times batch sizes, schedules and
+# VARiant layer sets seen), more than dynamo's default of 8 recompilations per function.
+COMPILE_MAX_GRAPHS = 256
+_COMPILED_STEPS: Dict[tuple, Callable] = {}
+
+
+def compiled_trunk_step(backend: str = 'inductor', mode: Optional[str] = None) -> Callable:
+    """`forward_scale` under torch.compile with static shapes: one graph per scale, whose KV-cache writes go to
+    preallocated buffers at fixed offsets, so that CUDA graphs (mode='reduce-overhead') can capture each scale."""
+    key = (backend, mode)
+    if key not in _COMPILED_STEPS:
+        compiled = torch.compile(forward_scale, backend=backend, mode=mode, dynamic=False)
+
+        def step(*args, **kwargs):
+            with torch._dynamo.config.patch(recompile_limit=COMPILE_MAX_GRAPHS):
+                return compiled(*args, **kwargs)
+        _COMPILED_STEPS[key] = step
+    return _COMPILED_STEPS[key]
+
+
 def check_sampling_args(var, label_B, cfg: float, top_k: int, top_p: float):
     """Raise ValueError for arguments the sampler cannot honour."""
     if not 0.0 <= top_p <= 1.0:
@@ -208,7 +228,7 @@ def autoregressive_infer_cfg(
     top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, schedule: Optional[IterSchedule] = None,
     image_seeds: Optional[Sequence[int]] = None, kv_policy: str = 'per_iteration', solver=None,
     edit: Optional[EditSpec] = None, trace: Optional[Dict[int, List[dict]]] = None, return_idx: bool = False,
-    stats: Optional[dict] = None, subnet: Optional[SubnetSpec] = None,
+    stats: Optional[dict] = None, subnet: Optional[SubnetSpec] = None, trunk_step: Optional[Callable] = None,
 ):
     """Generate B images in [0, 1] (B, 3, H, W) with classifier-free guidance ramped linearly over the scales.
 
@@ -220,6 +240,7 @@ def autoregressive_infer_cfg(
     residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
     `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'layers' (blocks run per scale),
     'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales to a VARiant subnet.
+    `trunk_step` replaces `forward_scale` (e.g. `compiled_trunk_step()`).
     """
     vae = var.vae
     device = var.lvl_1L.device
@@ -256,9 +277,9 @@ def autoregressive_infer_cfg(
         ratio = si / var.num_stages_minus_1
         cur_L += pn * pn
         scale_trace = None if trace is None else trace.setdefault(si, [])
-        x_BlC, n_run = forward_scale(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
-                                     tol=schedule.tol, trace=scale_trace,
-                                     layers=None if layers_per_scale is None else layers_per_scale[si])
+        x_BlC, n_run = (trunk_step or forward_scale)(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
+                                                     tol=schedule.tol, trace=scale_trace,
+                                                     layers=None if layers_per_scale is None else layers_per_scale[si])
         iters_run.append(n_run)
         logits_BlV = var.get_logits(x_BlC, cond_BD)
         t = cfg * ratio

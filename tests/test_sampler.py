@@ -4,8 +4,8 @@ import torch
 
 from models.fixed_point import AndersonAcceleration, FixedPointIteration, make_solver
 import models.sampler as sampler_module
-from models.sampler import (autoregressive_infer_cfg, image_seed, implicit_iteration_flops, make_edit_spec,
-                            resolve_schedule, top_k_top_p_filter_, zero_shot_edit)
+from models.sampler import (autoregressive_infer_cfg, compiled_trunk_step, image_seed, implicit_iteration_flops,
+                            make_edit_spec, resolve_schedule, top_k_top_p_filter_, zero_shot_edit)
 from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
                               allocate_budget, parse_schedule)
 from tests.conftest import make_vae, make_var
@@ -204,3 +204,12 @@ def test_sampler_images_equal_with_the_official_filter(viar, monkeypatch):
     monkeypatch.setattr(sampler_module, 'top_k_top_p_filter_', official_top_k_top_p_filter_)
     old = autoregressive_infer_cfg(viar, 3, labels, image_seeds=[1, 2, 3], return_idx=True, **kw)
     assert torch.equal(new[0], old[0]) and all(torch.equal(a, b) for a, b in zip(new[1], old[1]))
+
+
+def test_compiled_trunk_step_gives_the_same_images():
+    var = _model()
+    step = compiled_trunk_step(backend='eager')   # dynamo's graph capture without inductor: seconds, same kernels
+    assert compiled_trunk_step(backend='eager') is step
+    plain = _sample(var, [0, 3], [4, 5])
+    assert torch.equal(_sample(var, [0, 3], [4, 5], trunk_step=step), plain)
+    assert torch.equal(_sample(var, [1], [6], trunk_step=step), _sample(var, [1], [6]))   # other static shapes

@@ -1,14 +1,14 @@
 """Command-line pieces shared by sampling.py, gen_img.py and the benchmarks: model loading and sampling knobs."""
 import argparse
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from models import VAR, VAR_PRESETS, VQVAE
 from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
-from models.sampler import resolve_schedule
+from models.sampler import compiled_trunk_step, resolve_schedule
 from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from utils.cli import UserError
@@ -16,6 +16,7 @@ from utils.hub import resolve_checkpoint
 from utils.loading import load_models
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
 
 def add_model_args(parser: argparse.ArgumentParser):
@@ -58,6 +59,18 @@ def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: 
     g.add_argument('--bridge', type=int, default=6, help='VARiant: scales that always run the full depth')
     g.add_argument('--subnet_selection', default='equidistant', choices=SELECTIONS,
                    help="VARiant layer choice: the paper's equidistant rule, or nested across d, 2d, 4d, ...")
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the per-scale trunk step (static shapes: one graph per scale; the first batch '
+                        'pays the compilation)')
+    g.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                   help="torch.compile mode; 'reduce-overhead' adds CUDA graphs on a GPU")
+
+
+def trunk_step_from_args(args) -> Optional[Callable]:
+    """The compiled per-scale trunk step when --compile, else None (the plain `forward_scale`)."""
+    if not args.compile:
+        return None
+    return compiled_trunk_step(mode=None if args.compile_mode == 'default' else args.compile_mode)
 
 
 def resolve_device(name: str) -> torch.device:
