@@ -27,8 +27,8 @@ from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
 from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
+from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
+                               parse_classes, parse_ids, resolve_device, sampling_mode, schedule_from_args,
                                subnet_from_args, trunk_step_from_args)
 
 log = logging.getLogger('viar')
@@ -117,7 +117,7 @@ def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: Lis
     out = []
     for start in range(0, len(labels), args.batch_size):
         lab = torch.tensor(labels[start:start + args.batch_size], device=device)
-        with torch.inference_mode(), autocast(device, amp_dtype):
+        with sampling_mode(device, amp_dtype):
             img = autoregressive_infer_cfg(var, len(lab), lab, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=seeds[start:start + args.batch_size],

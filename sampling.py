@@ -26,8 +26,8 @@ from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
 from utils.hub import is_hub_reference
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, parse_classes, schedule_from_args, subnet_from_args,
+from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
+                               parse_classes, sampling_mode, schedule_from_args, subnet_from_args,
                                trunk_step_from_args)
 
 log = logging.getLogger('viar')
@@ -147,7 +147,7 @@ def main(args):
     for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):
         idx = list(range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))
         labels = torch.tensor([classes[i // args.per_class] for i in idx], device=device)
-        with torch.inference_mode(), autocast(device, amp_dtype):
+        with sampling_mode(device, amp_dtype):
             img = autoregressive_infer_cfg(var, len(idx), labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=[image_seed(args.seed, i) for i in idx],

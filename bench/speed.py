@@ -32,6 +32,7 @@ from train import token_losses
 from utils.amp import AmpOptimizer
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.inception import load_offline_inception
+from utils.sample_args import autocast, sampling_mode
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -70,10 +71,6 @@ SUITES = {
 INCEPTION_IMAGE_SIZE = {'full': 256, 'quick': 64}
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def sampling_workload(case: Case, device: torch.device, dtype: torch.dtype) -> Tuple[Callable[[], object], int]:
     """(one sampling batch, its FLOPs) with the official top-k/top-p/cfg."""
     _, var = build_case(case.label, case.shape, device)
@@ -83,7 +80,7 @@ def sampling_workload(case: Case, device: torch.device, dtype: torch.dtype) -> T
     seeds = [image_seed(0, i) for i in range(case.batch)]
 
     def run():
-        with torch.inference_mode(), autocast(device, dtype):
+        with sampling_mode(device, dtype):
             autoregressive_infer_cfg(var, case.batch, labels, cfg=SAMPLING_CFG, top_k=SAMPLING_TOP_K,
                                      top_p=SAMPLING_TOP_P, schedule=schedule, image_seeds=seeds)
     return run, sampling_flops(meta_var, schedule, batch=case.batch)['total']

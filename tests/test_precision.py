@@ -15,7 +15,7 @@ from models.sampler import autoregressive_infer_cfg
 from tests.conftest import make_vae, make_var, save_tiny_checkpoints
 from tests.train_helpers import make_image_folder, read_log
 from utils.cli import run
-from utils.sample_args import autocast
+from utils.sample_args import autocast, sampling_mode
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 
@@ -35,16 +35,19 @@ def ckpts(tmp_path_factory):
 
 
 def test_sampler_runs_in_bf16_and_fp32_on_the_cpu():
-    var = make_var(0, use_implicit=True, pre_depth=1, post_depth=1)
+    var = make_var(0, use_implicit=True, pre_depth=1, post_depth=1).eval()
     var.attach_vae(make_vae(patch_nums=var.patch_nums))
     head_dtypes = []
     var.head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
     images = {}
     for dtype in (torch.float32, torch.bfloat16):
-        with torch.inference_mode(), autocast(CPU, dtype):
+        with sampling_mode(CPU, dtype):
             images[dtype] = autoregressive_infer_cfg(var, 2, 1, image_seeds=[1, 2], top_k=10, top_p=0.9).float()
         assert images[dtype].shape == (2, 3, 8, 8) and torch.isfinite(images[dtype]).all()
         assert set(head_dtypes) == {dtype}     # autocast really ran the transformer in bf16
+        with torch.inference_mode(), autocast(CPU, dtype):     # what sampling_mode replaces: the same images
+            assert torch.equal(autoregressive_infer_cfg(var, 2, 1, image_seeds=[1, 2], top_k=10, top_p=0.9).float(),
+                               images[dtype])
         head_dtypes.clear()
     assert (images[torch.bfloat16] - images[torch.float32]).abs().mean() < 0.25
 
