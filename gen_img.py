@@ -27,9 +27,9 @@ from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
 from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
-                               subnet_from_args)
+from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
+                               parse_classes, parse_ids, resolve_device, sampling_mode, schedule_from_args,
+                               subnet_from_args, trunk_step_from_args)
 
 log = logging.getLogger('viar')
 GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
@@ -117,12 +117,12 @@ def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: Lis
     out = []
     for start in range(0, len(labels), args.batch_size):
         lab = torch.tensor(labels[start:start + args.batch_size], device=device)
-        with torch.inference_mode(), autocast(device, amp_dtype):
+        with sampling_mode(device, amp_dtype):
             img = autoregressive_infer_cfg(var, len(lab), lab, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=seeds[start:start + args.batch_size],
                                            kv_policy=args.kv_policy, solver=solver, edit=edit, subnet=subnet,
-                                           trace=trace if start == 0 else None)
+                                           trace=trace if start == 0 else None, trunk_step=trunk_step_from_args(args))
         out.append(img.float().cpu())
     return torch.cat(out)
 
@@ -139,7 +139,7 @@ def main(args):
     out_dir = writable_dir(official.gen_output_dir(args.out_dir, args.output_dir, args.ckpt),
                            '--out_dir' if args.out_dir is not None else '--output_dir')
     device = resolve_device(args.device)
-    amp_dtype = autocast_dtype(args.dtype, device)
+    amp_dtype = autocast_dtype(args.precision, device)
     vae, var = load_from_args(args, device)
     schedule = schedule_from_args(args, var)
     solver = make_solver(args.solver)
@@ -168,7 +168,7 @@ def main(args):
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]
     log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
-             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}')
+             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, precision {amp_dtype}')
     images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
                       trace=trace)
     prefix = 'edit' if edit is not None else 'class'

@@ -23,10 +23,12 @@ from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from utils import dist, official
 from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.hub import is_hub_reference
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
-                               load_from_args, parse_classes, schedule_from_args, subnet_from_args)
+from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
+                               parse_classes, sampling_mode, schedule_from_args, subnet_from_args,
+                               trunk_step_from_args)
 
 log = logging.getLogger('viar')
 
@@ -54,10 +56,15 @@ def run_name(args, var, schedule, subnet) -> str:
     return official.sample_run_name(args.ckpt, var.use_implicit, var.depth, args.cfg, args.seed, extras)
 
 
+def checkpoint_name(ref: str) -> str:
+    """How a run records a checkpoint: a Hub reference as given, a file by its absolute path."""
+    return ref if is_hub_reference(ref) else os.path.abspath(ref)
+
+
 def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> dict:
     """Everything that determines the images (compared on resume, saved beside the .npz)."""
     return {
-        'ckpt': os.path.abspath(args.ckpt), 'vae_ckpt': os.path.abspath(args.vae_ckpt),
+        'ckpt': checkpoint_name(args.ckpt), 'vae_ckpt': checkpoint_name(args.vae_ckpt),
         'model': var.config.to_dict(), 'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p,
         'more_smooth': args.more_smooth, 'schedule': str(schedule),
         'iters_per_scale': schedule.caps(len(var.patch_nums)) if var.use_implicit else None,
@@ -67,6 +74,7 @@ def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> di
                                                'layers': list(subnet.layers(var.depth))},
         'classes': classes, 'batch_size': args.batch_size, 'dtype': str(amp_dtype).replace('torch.', ''),
         'image_size': var.vae.config.image_size,
+        'compile': args.compile_mode if args.compile else None,   # compiled kernels may round differently
     }
 
 
@@ -101,12 +109,13 @@ def main(args):
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
     torch.backends.cudnn.allow_tf32 = True
     device = info.device
-    amp_dtype = autocast_dtype(args.dtype, device)
+    amp_dtype = autocast_dtype(args.precision, device)
     vae, var = load_from_args(args, device)
     classes = parse_classes(args.classes, var.num_classes)
     schedule = schedule_from_args(args, var, calibration_seed=args.seed)
     solver = make_solver(args.solver)
     subnet = subnet_from_args(args, var)
+    trunk_step = trunk_step_from_args(args)
 
     name = args.name or run_name(args, var, schedule, subnet)
     root = Path(args.sample_dir)
@@ -131,17 +140,19 @@ def main(args):
             if not all((out_dir / f'{i:06d}.png').exists()
                        for i in range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))]
     log.info(f'{name}: {total} images ({args.per_class} x {len(classes)} classes), {num_batches} batches, '
-             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}')
+             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}, precision '
+             f'{knobs["dtype"]}')
     t0 = time.time()
     done = 0
     for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):
         idx = list(range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))
         labels = torch.tensor([classes[i // args.per_class] for i in idx], device=device)
-        with torch.inference_mode(), autocast(device, amp_dtype):
+        with sampling_mode(device, amp_dtype):
             img = autoregressive_infer_cfg(var, len(idx), labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
                                            more_smooth=args.more_smooth, schedule=schedule,
                                            image_seeds=[image_seed(args.seed, i) for i in idx],
-                                           kv_policy=args.kv_policy, solver=solver, subnet=subnet)
+                                           kv_policy=args.kv_policy, solver=solver, subnet=subnet,
+                                           trunk_step=trunk_step)
         for i, arr in zip(idx, to_uint8_hwc(img)):
             save_png_atomic(arr, out_dir / f'{i:06d}.png')
         done += len(idx)

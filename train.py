@@ -349,8 +349,6 @@ def main(args):
         log.info(note)
     train_set, val_set = build_datasets(args.data_path, image_size, args.mid_reso, args.hflip, args.skip_bad_images)
     plan = derive_plan(args, info.world_size, len(train_set), info.device.type)
-    if plan.precision != args.precision:
-        log.info('--precision %s needs CUDA: training in %s', args.precision, plan.precision)
     init_config, init_weights = read_init(args)
     config = build_var_config(args, len(train_set.classes), vae.config, init_config)
     if init_config is not None:

@@ -1,17 +1,18 @@
 """Images/s of the evaluator's feature extraction (TF1 resize + Inception pool_3 and mixed_6), CPU and GPU if present.
 
-    python -m bench.inception_speed [--batch-sizes 16 64] [--batches 3] [--image-size 256]
+    taskset -c 1 python -m bench.inception_speed --threads 1 [--batch-sizes 16 64] [--batches 3] [--image-size 256]
 
 Times `InceptionFeatures.features` on uint8 images (ADM's 256px by default), the path every evaluation runs, for
-the offline weights executed two ways: the TorchScript module itself (the evaluator's default) and the same weights
-copied into the PyTorch architecture (identical features). Writes bench/results/inception_speed.{md,json}.
+the offline weights run by each backend: the TorchScript module itself (the evaluator's default until the fast
+backend), the same weights in the PyTorch architecture ('eager') and its fused channels-last form ('fast', the
+default now). A float32 matmul is timed in the same round robin, so every row also reads as a fraction of the
+machine's measured peak. Writes bench/results/inception_speed.{md,json}.
 """
 import json
 import os
 import platform
 import shlex
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List
@@ -19,12 +20,13 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.inception import InceptionFeatures, load_offline_inception
+from utils.inception import BACKENDS, INPUT_SIZE, FIDInceptionV3, load_offline_inception
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
-BACKENDS = {'torchscript': True, 'pytorch': False}   # name -> run_torchscript
 DTYPE = 'float32'                                    # the evaluator always runs Inception in float32
+PEAK = 'matmul'
 
 
 def cpu_model() -> str:
@@ -48,48 +50,44 @@ def machine_info() -> Dict[str, object]:
     return info
 
 
-def _sync(device: torch.device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
-def time_batch(network: InceptionFeatures, images: np.ndarray) -> float:
-    """Images/s of one `network.features` call."""
-    _sync(network.device)
-    start = time.perf_counter()
-    network.features(images)
-    _sync(network.device)
-    return len(images) / (time.perf_counter() - start)
+def inception_flops_per_image() -> int:
+    """FLOPs of one 299x299 image through the network (counted on the meta device: no memory, no time)."""
+    with torch.device('meta'):
+        network = FIDInceptionV3(num_classes=0).eval()
+        x = torch.empty(1, 3, INPUT_SIZE, INPUT_SIZE)
+    return count_flops(lambda: network(x))
 
 
 def run(devices: List[str], threads: List[int], batch_sizes: List[int], batches: int, warmup: int,
-        image_size: int) -> List[dict]:
-    """One row per (device, CPU threads, backend, batch size) with the median and best of `batches` timings.
-
-    The timed batches are interleaved across backends and batch sizes (round robin), so that load from other
-    processes on a shared machine spreads over all settings instead of hitting one.
-    """
+        image_size: int, backends: List[str]) -> List[dict]:
+    """One row per (device, CPU threads, backend, batch size): median and best images/s of `batches` timings, and
+    the best as a fraction of the float32 matmul peak timed in the same round robin."""
     rng = np.random.default_rng(0)
+    flops_per_image = inception_flops_per_image()
     rows = []
     for device in devices:
         for num_threads in (threads if device == 'cpu' else [torch.get_num_threads()]):
             torch.set_num_threads(num_threads)
-            settings = [(backend, load_offline_inception(device, run_torchscript=run_ts), batch_size,
-                         rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8))
-                        for backend, run_ts in BACKENDS.items() for batch_size in batch_sizes]
-            for _, network, _, images in settings:
-                for _ in range(warmup):
-                    network.features(images)
-            speeds = [[] for _ in settings]
-            for _ in range(batches):
-                for speed, (_, network, _, images) in zip(speeds, settings):
-                    speed.append(time_batch(network, images))
-            for speed, (backend, _, batch_size, _) in zip(speeds, settings):
+            networks = {backend: load_offline_inception(device, backend) for backend in backends}
+            tasks = {PEAK: matmul_task(torch.float32, device)}
+            for batch_size in batch_sizes:
+                images = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
+                for backend, network in networks.items():
+                    tasks[(backend, batch_size)] = lambda n=network, im=images: n.features(im)
+            times = interleaved_timings(tasks, batches, warmup, torch.device(device))
+            peak = matmul_flops() / min(times.pop(PEAK))
+            print(f'{device:5s} {num_threads:2d} threads float32 matmul peak {peak / 1e9:7.1f} GFLOP/s', flush=True)
+            for (backend, batch_size), seconds in times.items():
+                speed = [batch_size / t for t in seconds]
+                achieved = max(speed) * flops_per_image
                 rows.append({'device': device, 'threads': num_threads, 'backend': backend, 'batch_size': batch_size,
                              'images_per_s_median': round(float(np.median(speed)), 2),
-                             'images_per_s_best': round(max(speed), 2)})
+                             'images_per_s_best': round(max(speed), 2),
+                             'gflops_best': round(achieved / 1e9, 1), 'peak_gflops': round(peak / 1e9, 1),
+                             'fraction_of_peak': round(achieved / peak, 3)})
                 print(f'{device:5s} {num_threads:2d} threads {backend:12s} batch {batch_size:4d}: '
-                      f'median {np.median(speed):7.2f}, best {max(speed):7.2f} images/s', flush=True)
+                      f'median {np.median(speed):7.2f}, best {max(speed):7.2f} images/s '
+                      f'({achieved / peak:.0%} of the matmul peak)', flush=True)
     return rows
 
 
@@ -104,13 +102,16 @@ def write_results(rows: List[dict], meta: Dict[str, object]):
              f'GPU: {meta["machine"]["gpu"] or "none"}  ',
              f'torch {meta["machine"]["torch"]}, numpy {meta["machine"]["numpy"]}, dtype {meta["dtype"]}, '
              f'input {meta["image_size"]}x{meta["image_size"]} uint8 (resized to 299 inside), '
-             f'{meta["batches"]} timed batches per setting (round robin) after {meta["warmup"]} warm-up  ',
+             f'{meta["batches"]} timed batches per setting (round robin with a {meta["peak_matmul"]}) after '
+             f'{meta["warmup"]} warm-up; {meta["gflop_per_image"]:.2f} GFLOP per image  ',
              f'Load average (1/5/15 min) before / after: {meta["load_average_before_after"][0]} | '
              f'{meta["load_average_before_after"][1]}', '',
-             '| device | threads | weights run as | batch size | images/s (median) | images/s (best) |',
-             '|---|---:|---|---:|---:|---:|']
+             '| device | threads | backend | batch size | images/s (median) | images/s (best) | GFLOP/s (best) | '
+             'matmul peak GFLOP/s | fraction of peak |',
+             '|---|---:|---|---:|---:|---:|---:|---:|---:|']
     lines += [f'| {r["device"]} | {r["threads"]} | {r["backend"]} | {r["batch_size"]} | '
-              f'{r["images_per_s_median"]:.2f} | {r["images_per_s_best"]:.2f} |' for r in rows]
+              f'{r["images_per_s_median"]:.2f} | {r["images_per_s_best"]:.2f} | {r["gflops_best"]:.1f} | '
+              f'{r["peak_gflops"]:.1f} | {r["fraction_of_peak"]:.0%} |' for r in rows]
     (RESULTS_DIR / 'inception_speed.md').write_text('\n'.join(lines) + '\n')
 
 
@@ -124,6 +125,8 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--devices', nargs='+', default=None, help='default: cpu, plus cuda when available')
     parser.add_argument('--threads', type=int, nargs='+', default=None,
                         help='CPU thread counts to try (default: torch\'s default)')
+    parser.add_argument('--backends', nargs='+', choices=BACKENDS, default=list(BACKENDS),
+                        help='how the network runs (see evaluator.py --inception-backend)')
     return parser
 
 
@@ -143,11 +146,12 @@ def main(args):
     threads = args.threads or [torch.get_num_threads()]
     load_before = load_average()
     machine = machine_info()    # before set_num_threads: records the default thread count
-    rows = run(devices, threads, args.batch_sizes, args.batches, args.warmup, args.image_size)
+    rows = run(devices, threads, args.batch_sizes, args.batches, args.warmup, args.image_size, args.backends)
     meta = {'command': ' '.join(['python -m bench.inception_speed'] + [shlex.quote(a) for a in sys.argv[1:]]),
             'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M'), 'machine': machine,
             'load_average_before_after': [load_before, load_average()],
-            'dtype': DTYPE, 'image_size': args.image_size, 'batches': args.batches, 'warmup': args.warmup}
+            'dtype': DTYPE, 'image_size': args.image_size, 'batches': args.batches, 'warmup': args.warmup,
+            'peak_matmul': f'float32 {PEAK_MATMUL_SIZE}^3 matmul', 'gflop_per_image': inception_flops_per_image() / 1e9}
     write_results(rows, meta)
     print(f'wrote {RESULTS_DIR / "inception_speed.md"} and .json')
 

@@ -1,4 +1,5 @@
 """Measuring helpers shared by the benchmarks: FLOP counts, KV-cache byte formulas, bytes saved for backward."""
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -13,6 +14,44 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+PEAK_MATMUL_SIZE = 2048   # square matmul that reaches the BLAS peak on CPUs and small GPUs alike
+
+
+def synchronize(device: torch.device):
+    """Wait for queued GPU work so that wall-clock timings cover it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def matmul_task(dtype: torch.dtype, device='cpu', size: int = PEAK_MATMUL_SIZE) -> Callable[[], object]:
+    """A square `size` matmul in `dtype` to time for the machine's peak; its FLOPs are `matmul_flops(size)`."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device, dtype)
+    b = torch.randn(size, size, generator=gen).to(device, dtype)
+    return lambda: a @ b
+
+
+def matmul_flops(size: int = PEAK_MATMUL_SIZE) -> int:
+    """FLOPs of one square matmul (a multiply-add counts 2)."""
+    return 2 * size ** 3
+
+
+def interleaved_timings(tasks: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                        device: torch.device = torch.device('cpu')) -> Dict[str, List[float]]:
+    """Seconds of each task per round, the tasks taken in turn (round robin) so that load from other processes
+    spreads over all of them instead of hitting one; `warmup` untimed rounds first."""
+    times = {name: [] for name in tasks}
+    for r in range(warmup + rounds):
+        for name, task in tasks.items():
+            synchronize(device)
+            start = time.perf_counter()
+            task()
+            synchronize(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def sampling_flops(var, schedule: Optional[IterSchedule] = None, batch: int = 1, subnet=None,

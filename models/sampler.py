@@ -1,7 +1,7 @@
 """The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p, editing) used by every entry point."""
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +61,8 @@ class SamplerRNG:
         return torch.empty_like(x_BlV).exponential_(generator=self.batch_gen)
 
 
-def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
-    """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p."""
+def _filter_full_(logits_BlV: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The official filter: top-k by threshold (ties at the k-th value survive), then top-p over a full sort."""
     if 0 < top_k < logits_BlV.shape[-1]:  # top_k >= V keeps every token
         kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
@@ -71,6 +71,36 @@ def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float =
         sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
         sorted_remove[..., -1:] = False  # always keep the most likely token
         logits_BlV.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
+    return logits_BlV
+
+
+def top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf, in place, every logit outside the top-k and then outside the nucleus of mass top_p.
+
+    Bit for bit the official filter, which sorts the whole vocabulary for the nucleus although only the top-k
+    survivors can remain; with both filters on, only those k are sorted. The official sorted row is -inf everywhere
+    but its last k entries, so the softmax and cumulative sums are taken over that same row and give the same floats.
+    Rows whose official result depends on how its sort orders equal logits (ties at the k-th value or across the
+    nucleus edge: rare in float32) go through the official code.
+    """
+    V = logits_BlV.shape[-1]
+    # Meta tensors (FLOP counting) have no values to look for ties in.
+    if top_p <= 0 or not 0 < top_k < V or not logits_BlV.is_contiguous() or logits_BlV.is_meta:
+        return _filter_full_(logits_BlV, top_k, top_p)
+    rows_RV = logits_BlV.view(-1, V)
+    desc_vals, desc_idx = rows_RV.topk(top_k, largest=True, sorted=True, dim=-1)
+    ties_R = (rows_RV >= desc_vals[:, -1:]).sum(dim=-1) > top_k      # ties at the k-th value survive as well
+    sorted_vals, sorted_idx = desc_vals.flip(-1), desc_idx.flip(-1)  # ascending, as the official sort
+    official_RV = torch.full_like(rows_RV, -torch.inf)
+    official_RV[:, V - top_k:] = sorted_vals
+    sorted_remove = official_RV.softmax(dim=-1).cumsum_(dim=-1)[:, V - top_k:] <= (1 - top_p)
+    sorted_remove[:, -1:] = False  # always keep the most likely token
+    edge = sorted_remove[:, :-1] & ~sorted_remove[:, 1:]
+    ties_R |= (edge & (sorted_vals[:, :-1] == sorted_vals[:, 1:])).any(dim=-1)   # equal logits across the edge
+    tied_rows = rows_RV[ties_R] if ties_R.any() else None
+    rows_RV.fill_(-torch.inf).scatter_(-1, sorted_idx, sorted_vals.masked_fill_(sorted_remove, -torch.inf))
+    if tied_rows is not None:
+        rows_RV[ties_R] = _filter_full_(tied_rows, top_k, top_p)
     return logits_BlV
 
 
@@ -158,6 +188,26 @@ def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: Trun
     return x_BlC, calls[0]
 
 
+# torch.compile of the per-scale trunk step: static shapes give one graph per scale (times batch sizes, schedules and
+# VARiant layer sets seen), more than dynamo's default of 8 recompilations per function.
+COMPILE_MAX_GRAPHS = 256
+_COMPILED_STEPS: Dict[tuple, Callable] = {}
+
+
+def compiled_trunk_step(backend: str = 'inductor', mode: Optional[str] = None) -> Callable:
+    """`forward_scale` under torch.compile with static shapes: one graph per scale, whose KV-cache writes go to
+    preallocated buffers at fixed offsets, so that CUDA graphs (mode='reduce-overhead') can capture each scale."""
+    key = (backend, mode)
+    if key not in _COMPILED_STEPS:
+        compiled = torch.compile(forward_scale, backend=backend, mode=mode, dynamic=False)
+
+        def step(*args, **kwargs):
+            with torch._dynamo.config.patch(recompile_limit=COMPILE_MAX_GRAPHS):
+                return compiled(*args, **kwargs)
+        _COMPILED_STEPS[key] = step
+    return _COMPILED_STEPS[key]
+
+
 def check_sampling_args(var, label_B, cfg: float, top_k: int, top_p: float):
     """Raise ValueError for arguments the sampler cannot honour."""
     if not 0.0 <= top_p <= 1.0:
@@ -178,7 +228,7 @@ def autoregressive_infer_cfg(
     top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, schedule: Optional[IterSchedule] = None,
     image_seeds: Optional[Sequence[int]] = None, kv_policy: str = 'per_iteration', solver=None,
     edit: Optional[EditSpec] = None, trace: Optional[Dict[int, List[dict]]] = None, return_idx: bool = False,
-    stats: Optional[dict] = None, subnet: Optional[SubnetSpec] = None,
+    stats: Optional[dict] = None, subnet: Optional[SubnetSpec] = None, trunk_step: Optional[Callable] = None,
 ):
     """Generate B images in [0, 1] (B, 3, H, W) with classifier-free guidance ramped linearly over the scales.
 
@@ -190,6 +240,7 @@ def autoregressive_infer_cfg(
     residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
     `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'layers' (blocks run per scale),
     'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales to a VARiant subnet.
+    `trunk_step` replaces `forward_scale` (e.g. `compiled_trunk_step()`).
     """
     vae = var.vae
     device = var.lvl_1L.device
@@ -226,9 +277,9 @@ def autoregressive_infer_cfg(
         ratio = si / var.num_stages_minus_1
         cur_L += pn * pn
         scale_trace = None if trace is None else trace.setdefault(si, [])
-        x_BlC, n_run = forward_scale(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
-                                     tol=schedule.tol, trace=scale_trace,
-                                     layers=None if layers_per_scale is None else layers_per_scale[si])
+        x_BlC, n_run = (trunk_step or forward_scale)(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
+                                                     tol=schedule.tol, trace=scale_trace,
+                                                     layers=None if layers_per_scale is None else layers_per_scale[si])
         iters_run.append(n_run)
         logits_BlV = var.get_logits(x_BlC, cond_BD)
         t = cfg * ratio

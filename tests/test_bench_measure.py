@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from bench.measure import count_flops, kv_cache_bytes, saved_for_backward_bytes, sampling_flops
+from bench import speed
+from bench.measure import (count_flops, interleaved_timings, kv_cache_bytes, saved_for_backward_bytes,
+                           sampling_flops)
 from models import VARConfig, build_var
 from models.sampler import autoregressive_infer_cfg
 from models.schedules import ListSchedule
@@ -62,3 +64,29 @@ def test_saved_bytes_hand_count():
     assert saved_for_backward_bytes(lambda: (a * b).sum()) == 2 * 10 * 4  # mul saves both operands
     with torch.no_grad():
         assert saved_for_backward_bytes(lambda: (a * b).sum()) == 0
+
+
+def test_interleaved_timings_and_fractions_of_the_peak(monkeypatch):
+    clock = iter(range(100))
+    monkeypatch.setattr('bench.measure.time.perf_counter', lambda: float(next(clock)))   # every call takes 1 s
+    order = []
+    times = interleaved_timings({'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, rounds=2, warmup=1)
+    assert order == ['a', 'b'] * 3 and times == {'a': [1.0, 1.0], 'b': [1.0, 1.0]}
+    tasks = {('peak', 'mm', 'fp32'): (None, 100e9, 1), ('sampling', 'tiny', 'fp32'): (None, 25e9, 4)}
+    monkeypatch.setattr(speed, 'interleaved_timings', lambda tasks, rounds, warmup, device: {
+        ('peak', 'mm', 'fp32'): [2.0, 1.0], ('sampling', 'tiny', 'fp32'): [0.5, 1.0]})
+    rows = speed.measure(tasks, rounds=2, warmup=0, device=torch.device('cpu'))
+    sampling = rows[1]
+    assert sampling['items_per_s_best'] == 8 and sampling['items_per_s_median'] == pytest.approx(4 / 0.75, rel=1e-3)
+    assert sampling['peak_gflops'] == 100 and sampling['gflops_best'] == 50 and sampling['fraction_of_peak'] == 0.5
+    assert '| sampling | tiny | fp32 | 4 | 8 images/s |' in speed.to_markdown(rows, {
+        'command': 'x', 'date': 'd', 'machine': {'cpu': 'c', 'cpu_count': 2, 'gpu': None, 'torch': 't'}, 'threads': 1,
+        'rounds': 2, 'warmup': 0, 'load_average_before_after': ['0', '0']})
+
+
+def test_speed_training_step_counts_forward_and_backward():
+    case = speed.SUITES['quick']['training'][0]
+    step, flops = speed.training_workload(case, torch.device('cpu'), 'bf16')
+    _, var = speed.build_case(case.label, case.shape, 'meta')
+    label, x = torch.zeros(2, dtype=torch.long, device='meta'), torch.zeros(2, var.L - 1, var.Cvae, device='meta')
+    assert 2.5 < flops / count_flops(lambda: var(label, x)) < 3.5       # backward ~ twice the forward

@@ -3,6 +3,7 @@ TorchScript model, .npz/PNG input checks, the activation cache, and a small end-
 import contextlib
 import io
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -78,10 +79,13 @@ class NoForward:
     def features(self, images):
         raise ForwardCalled
 
+    prepare = run = features
+
 
 @pytest.fixture(scope='module')
 def offline():
-    return load_offline_inception('cpu')
+    """The offline weights run by the TorchScript file's own module: the reference implementation."""
+    return load_offline_inception('cpu', 'torchscript')
 
 
 @pytest.fixture(scope='module')
@@ -296,7 +300,7 @@ def test_offline_features_equal_the_torchscript_model(offline, few_images, few_f
 
 
 def test_pytorch_architecture_reproduces_torchscript(offline, few_images, few_features):
-    eager = load_offline_inception('cpu', run_torchscript=False)
+    eager = load_offline_inception('cpu', 'eager')
     assert isinstance(eager.network, FIDInceptionV3) and eager.network.fc is None
     assert eager.weights_id == offline.weights_id           # same weights, same cache
     pool, spatial = eager.features(few_images)
@@ -307,6 +311,73 @@ def test_pytorch_architecture_reproduces_torchscript(offline, few_images, few_fe
     converted = state_dict_from_torchscript(offline.network.module)
     assert len(converted) == len(script_sd) // 4 * 5
     assert all(torch.equal(v, torch.ones_like(v)) for k, v in converted.items() if k.endswith('bn.weight'))
+
+
+def assert_relative_close(got: torch.Tensor, want: torch.Tensor, rel: float):
+    """Each row of `got` within `rel` of `want` relative to the row's norm, and every entry within `rel` of the
+    largest magnitude (single entries near zero, e.g. after a ReLU, have no meaningful relative error)."""
+    assert got.shape == want.shape and got.dtype == want.dtype == torch.float32
+    assert ((got - want).norm(dim=1) / want.norm(dim=1)).max() <= rel
+    assert (got - want).abs().max() <= rel * want.abs().max()
+
+
+def test_fast_backend_matches_the_torchscript_model(offline, few_images, few_features):
+    fast = load_offline_inception('cpu')
+    assert fast.backend == 'fast' and fast.weights_id == offline.weights_id        # one cache for both
+    net = fast.network
+    assert net.Mixed_5b.branch1x1 is None and net.Mixed_5b.merged_heads.splits == [64, 48, 64]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())    # folded into the convolutions
+    assert fast.prepare(few_images).is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(fast.features(few_images), few_features):
+        assert_relative_close(got, want, 1e-4)
+    # Natural-looking 256px images as well (ADM's size).
+    images = np.repeat(np.repeat(make_images(2, seed=3, noise=0.2), 8, axis=1), 8, axis=2)
+    for got, want in zip(fast.features(images), offline.features(images)):
+        assert_relative_close(got, want, 1e-4)
+
+
+def test_backends_are_checked():
+    with pytest.raises(CheckpointError, match='unknown Inception backend'):
+        load_offline_inception('cpu', 'onnx')
+    with pytest.raises(CheckpointError, match='offline TorchScript file only'):
+        load_inception('pt_inception.pth', 'cpu', 'torchscript')
+
+
+class ListImages:
+    """An image source of given batches that fails after them when `error` is set."""
+    path = None
+
+    def __init__(self, batches, error=None):
+        self._batches, self.error = batches, error
+
+    def batches(self, batch_size):
+        yield from self._batches
+        if self.error is not None:
+            raise self.error
+
+
+class RecordingNetwork:
+    """Stand-in whose `prepare` records the thread it ran in."""
+
+    def __init__(self):
+        self.threads = []
+
+    def prepare(self, images):
+        self.threads.append(threading.current_thread().name)
+        return torch.as_tensor(images).float()
+
+
+def test_batches_are_prepared_ahead_in_order_and_errors_surface():
+    batches = [np.full((n, 2, 2, 3), n, np.uint8) for n in (3, 1, 2)]
+    network = RecordingNetwork()
+    got = list(evaluator.prepared_batches(ListImages(batches), network, batch_size=3))
+    assert [size for size, _ in got] == [3, 1, 2]
+    assert all(torch.equal(x, torch.as_tensor(b).float()) for (_, x), b in zip(got, batches))
+    assert network.threads and all(name.startswith('inception-prefetch') for name in network.threads)
+    failing = evaluator.prepared_batches(ListImages(batches[:1], UserError('truncated arr_0')), network, 3)
+    assert next(failing)[0] == 3
+    with pytest.raises(UserError, match='truncated'):
+        next(failing)
 
 
 @pytest.fixture(scope='module')
@@ -322,6 +393,13 @@ def random_weights(tmp_path_factory):
 @pytest.fixture(scope='module')
 def random_network(random_weights):
     return load_inception(random_weights[0], 'cpu')
+
+
+def test_fast_backend_matches_eager_on_pytorch_fid_weights(random_weights, random_network, few_images):
+    eager = load_inception(random_weights[0], 'cpu', 'eager')
+    assert random_network.backend == 'fast' and torch.equal(random_network.logits_weight_KD, eager.logits_weight_KD)
+    for got, want in zip(random_network.features(few_images), eager.features(few_images)):
+        assert_relative_close(got, want, 1e-4)
 
 
 def test_pytorch_fid_state_dict_loads_and_runs(random_weights, random_network, few_images, tmp_path):

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from models.fixed_point import AndersonAcceleration, FixedPointIteration, make_solver
-from models.sampler import (autoregressive_infer_cfg, image_seed, implicit_iteration_flops, make_edit_spec,
-                            resolve_schedule, zero_shot_edit)
+import models.sampler as sampler_module
+from models.sampler import (autoregressive_infer_cfg, compiled_trunk_step, image_seed, implicit_iteration_flops,
+                            make_edit_spec, resolve_schedule, top_k_top_p_filter_, zero_shot_edit)
 from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
                               allocate_budget, parse_schedule)
 from tests.conftest import make_vae, make_var
@@ -157,3 +158,58 @@ def test_sampling_argument_errors(viar):
         autoregressive_infer_cfg(viar, 1, torch.tensor([99]))
     with pytest.raises(ValueError, match='image seeds'):
         autoregressive_infer_cfg(viar, 2, 0, image_seeds=[1])
+
+
+def official_top_k_top_p_filter_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """The previous filter (the official one), kept verbatim: top-k by threshold, then top-p over a full sort."""
+    if 0 < top_k < logits_BlV.shape[-1]:
+        kth = logits_BlV.topk(top_k, largest=True, sorted=False, dim=-1)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        sorted_remove = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        sorted_remove[..., -1:] = False
+        logits_BlV.masked_fill_(sorted_remove.scatter(sorted_idx.ndim - 1, sorted_idx, sorted_remove), -torch.inf)
+    return logits_BlV
+
+
+def _logits(seed: int, kind: str) -> torch.Tensor:
+    """(3, 50, 4096) logits: plain float32, bf16 (many equal values) or coarsely rounded (ties everywhere)."""
+    x = torch.randn(3, 50, 4096, generator=torch.Generator().manual_seed(seed)) * (1 + seed % 4)
+    if kind == 'bf16':
+        return x.bfloat16()
+    return (x * 4).round() / 4 if kind == 'tied' else x
+
+
+@pytest.mark.parametrize('kind', ['float32', 'bf16', 'tied'])
+@pytest.mark.parametrize('top_k,top_p', [(900, 0.96), (10, 0.5), (1, 0.9), (4095, 0.999), (900, 0.0), (0, 0.8),
+                                         (5000, 0.96), (2, 0.05)])
+def test_filter_draws_the_same_tokens_as_the_official_filter(kind, top_k, top_p):
+    for seed in range(3):
+        logits = _logits(seed, kind)
+        new = top_k_top_p_filter_(logits.clone(), top_k, top_p)
+        old = official_top_k_top_p_filter_(logits.clone(), top_k, top_p)
+        assert torch.equal(new, old)
+        draws = [torch.multinomial(x.float().softmax(-1).view(-1, 4096), 1, generator=torch.Generator().manual_seed(7))
+                 for x in (new, old)]
+        assert torch.equal(*draws)
+    kept = (new > -torch.inf).sum(-1)
+    assert (kept >= 1).all() and (kind != 'float32' or not 0 < top_k < 4096 or (kept <= top_k).all())
+
+
+def test_sampler_images_equal_with_the_official_filter(viar, monkeypatch):
+    kw = dict(top_k=20, top_p=0.7, cfg=1.5)
+    labels = torch.tensor([0, 3, 4])
+    new = autoregressive_infer_cfg(viar, 3, labels, image_seeds=[1, 2, 3], return_idx=True, **kw)
+    monkeypatch.setattr(sampler_module, 'top_k_top_p_filter_', official_top_k_top_p_filter_)
+    old = autoregressive_infer_cfg(viar, 3, labels, image_seeds=[1, 2, 3], return_idx=True, **kw)
+    assert torch.equal(new[0], old[0]) and all(torch.equal(a, b) for a, b in zip(new[1], old[1]))
+
+
+def test_compiled_trunk_step_gives_the_same_images():
+    var = _model()
+    step = compiled_trunk_step(backend='eager')   # dynamo's graph capture without inductor: seconds, same kernels
+    assert compiled_trunk_step(backend='eager') is step
+    plain = _sample(var, [0, 3], [4, 5])
+    assert torch.equal(_sample(var, [0, 3], [4, 5], trunk_step=step), plain)
+    assert torch.equal(_sample(var, [1], [6], trunk_step=step), _sample(var, [1], [6]))   # other static shapes

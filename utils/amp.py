@@ -22,8 +22,9 @@ def official_precision(value: str) -> str:
 
 
 def effective_precision(precision: str, device_type: str) -> str:
-    """fp16/bf16 apply on CUDA; bf16 autocast also on the CPU; everything else trains in fp32."""
-    return precision if device_type == 'cuda' or precision == 'bf16' else 'fp32'
+    """The precision a run trains in: as asked, except fp16 off CUDA, which trains in fp32 (bf16 works anywhere)."""
+    # fp16 needs loss scaling and has no fast kernels on most CPUs; bf16 autocast runs on AVX-512/AMX CPUs.
+    return 'fp32' if precision == 'fp16' and device_type != 'cuda' else precision
 
 
 class AmpOptimizer:
@@ -101,7 +102,7 @@ class AmpOptimizer:
         self.scaler.update()
 
     def state_dict(self) -> Dict[str, Any]:
-        return {'optimizer': self.optimizer.state_dict(),
+        return {'precision': self.precision, 'optimizer': self.optimizer.state_dict(),
                 'scaler': None if self.scaler is None else self.scaler.state_dict(),
                 'reset_scale': self.reset_scale, 'skipped_steps': self.skipped_steps}
 

@@ -1,28 +1,32 @@
 """Command-line pieces shared by sampling.py, gen_img.py and the benchmarks: model loading and sampling knobs."""
 import argparse
 import contextlib
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from models import VAR, VAR_PRESETS, VQVAE
 from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
-from models.sampler import resolve_schedule
+from models.sampler import compiled_trunk_step, resolve_schedule
 from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from utils.cli import UserError
+from utils.hub import resolve_checkpoint
 from utils.loading import load_models
 
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
 
 def add_model_args(parser: argparse.ArgumentParser):
     g = parser.add_argument_group('model')
     g.add_argument('--ckpt', '--ckpt_path', dest='ckpt', default='ckpts/viar.pth',
                    help='VAR/VIAR checkpoint: ours (config inside), an official training checkpoint, or a released '
-                        'state dict (.pth/.safetensors)')
-    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth', help='tokenizer checkpoint')
+                        'state dict (.pth/.safetensors); hf:OWNER/REPO/FILE takes it from the Hugging Face Hub '
+                        '(cached: later runs need no network)')
+    g.add_argument('--vae_ckpt', default='ckpts/vae_ch160v4096z32.pth',
+                   help='tokenizer checkpoint (a path or hf:OWNER/REPO/FILE)')
     g.add_argument('--preset', choices=sorted(VAR_PRESETS), default=None,
                    help='architecture of a bare released state dict (default: read off its keys and shapes)')
     g.add_argument('--use_implicit', action=argparse.BooleanOptionalAction, default=None,
@@ -31,8 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser):
     g.add_argument('--pre_depth', type=int, default=None, help='assert the VIAR checkpoint has this many pre-blocks')
     g.add_argument('--post_depth', type=int, default=None, help='assert this many post-blocks')
     g.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
-    g.add_argument('--dtype', default='auto', choices=['auto', *DTYPES],
-                   help='autocast dtype of the transformer (auto: fp16 on CUDA as the official sampler, fp32 on CPU)')
+    g.add_argument('--precision', '--dtype', dest='precision', default='auto', choices=['auto', *DTYPES],
+                   help='autocast precision of the transformer on the device in use, the CPU included (auto: fp16 '
+                        'on CUDA as the official sampler, fp32 on the CPU); --dtype is the older spelling')
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: float = 0.96):
@@ -54,6 +59,18 @@ def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: 
     g.add_argument('--bridge', type=int, default=6, help='VARiant: scales that always run the full depth')
     g.add_argument('--subnet_selection', default='equidistant', choices=SELECTIONS,
                    help="VARiant layer choice: the paper's equidistant rule, or nested across d, 2d, 4d, ...")
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
+                   help='torch.compile the per-scale trunk step (static shapes: one graph per scale; the first batch '
+                        'pays the compilation)')
+    g.add_argument('--compile_mode', default='default', choices=COMPILE_MODES,
+                   help="torch.compile mode; 'reduce-overhead' adds CUDA graphs on a GPU")
+
+
+def trunk_step_from_args(args) -> Optional[Callable]:
+    """The compiled per-scale trunk step when --compile, else None (the plain `forward_scale`)."""
+    if not args.compile:
+        return None
+    return compiled_trunk_step(mode=None if args.compile_mode == 'default' else args.compile_mode)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,9 +82,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype of --precision NAME on `device`."""
     if name == 'auto':
         return torch.float16 if device.type == 'cuda' else torch.float32
     return DTYPES[name]
+
+
+@contextlib.contextmanager
+def sampling_mode(device: torch.device, dtype: torch.dtype):
+    """no_grad and autocast around sampling. Not inference_mode: autocast keeps its cast copies of the weights only
+    outside it, so under inference_mode every bf16/fp16 call casts every weight again (~10% of a CPU sample)."""
+    with torch.no_grad(), autocast(device, dtype):
+        yield
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -79,8 +105,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 def load_from_args(args, device: torch.device) -> Tuple[VQVAE, VAR]:
     """Load tokenizer and transformer, checking the optional architecture assertions."""
-    vae, var = load_models(args.ckpt, args.vae_ckpt, preset=args.preset, device=device,
-                           expect_implicit=args.use_implicit)
+    ckpt, vae_ckpt = resolve_checkpoint(args.ckpt, '--ckpt'), resolve_checkpoint(args.vae_ckpt, '--vae_ckpt')
+    vae, var = load_models(ckpt, vae_ckpt, preset=args.preset, device=device, expect_implicit=args.use_implicit)
     cfg = var.config
     for flag in ('depth', 'pre_depth', 'post_depth'):
         want = getattr(args, flag)

@@ -70,7 +70,8 @@ def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, ba
                    help="lr schedule after warmup ('const': the peak lr throughout, e.g. for fine-tuning)")
     o.add_argument('--betas', type=float, nargs=2, default=tuple(betas), help='AdamW betas')
     o.add_argument('--precision', choices=PRECISIONS, default='fp32',
-                   help='fp16 (with GradScaler) or bf16 autocast on CUDA; the CPU always trains in fp32')
+                   help='autocast precision: bf16 on CUDA or the CPU, fp16 (with GradScaler) on CUDA only '
+                        '(fp16 on the CPU trains in fp32); saved in every checkpoint')
     o.add_argument('--fp16', dest='precision', type=official_precision, default=argparse.SUPPRESS,
                    help='official spelling of --precision: 0 fp32, 1 fp16, 2 bf16')
     o.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=True,
@@ -168,8 +169,11 @@ def derive_plan(args, world: int, num_images: int, device_type: str) -> Plan:
     warmup_epochs = args.warmup_epochs or default_warmup
     local_world = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
     workers = args.workers if args.workers >= 0 else min(AUTO_WORKERS_MAX, (os.cpu_count() or 1) // local_world)
+    precision = effective_precision(args.precision, device_type)
+    if precision != args.precision:
+        log.info('--precision %s needs CUDA (on the CPU use bf16): training in %s', args.precision, precision)
     return Plan(world=world, accum=args.accum, local_batch=local, micro_batch=micro,
                 peak_lr=args.lr if args.lr is not None else args.accum * args.base_lr * micro / IMAGES_PER_BASE_LR,
                 iters_per_epoch=iters, max_iters=args.epochs * iters, warmup_iters=round(warmup_epochs * iters),
                 wd_end=args.weight_decay_end or args.weight_decay,  # official: twde = twde or twd
-                precision=effective_precision(args.precision, device_type), workers=min(workers, local))
+                precision=precision, workers=min(workers, local))
