@@ -54,6 +54,8 @@ class DemoPlan:
     grid_seeds: int              # columns of the sample grid (one row per class)
     schedules: Tuple[str, ...]   # implicit-iteration schedules to evaluate; the first one draws the grid
     tokenizer_lr: float = 0.02   # base lr per 256 images (train_tokenizer.py --tblr)
+    gan_weight: float = 0.0      # PatchGAN term of the tokenizer (train_tokenizer.py --gan_weight; 0: off) ...
+    gan_from: float = 0.5        # ... switched on after this fraction of its iterations
     model_lr: float = 0.01       # base lr per 256 images (train.py --tblr)
     cfg: float = 2.0
     top_k: int = 0
@@ -65,8 +67,8 @@ class DemoPlan:
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=800, val_per_class=100, floor_per_class=100, tokenizer_epochs=1, model_epochs=3,
-                batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3', 'linear:3,1'))
+FULL = DemoPlan(train_per_class=800, val_per_class=100, floor_per_class=100, tokenizer_epochs=2, model_epochs=3,
+                batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=50)
 QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
                  batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
                  extra_train_args=('--depth', '2', '--embed_dim', '64', '--num_heads', '2'))
@@ -112,11 +114,20 @@ def common_train_args(root: Path, plan: DemoPlan, seed: int, quick: bool) -> Lis
             '--device', 'cpu', '--save_freq', '1', '--log_freq', '10' if quick else '20']
 
 
+def gan_args(plan: DemoPlan) -> List[str]:
+    """train_tokenizer.py flags of the PatchGAN term, on from plan.gan_from of the iterations."""
+    if not plan.gan_weight:
+        return []
+    iterations = plan.train_per_class * len(CLASS_NAMES) // plan.batch_size * plan.tokenizer_epochs
+    return ['--gan_weight', str(plan.gan_weight), '--disc_start', str(int(iterations * plan.gan_from))]
+
+
 def train_tokenizer_stage(root: Path, tok_dir: Path, plan: DemoPlan, seed: int, quick: bool) -> Path:
     """train_tokenizer.py with the demo preset; returns the checkpoint (a finished run is reused)."""
     call_cli(train_tokenizer, common_train_args(root, plan, seed, quick) + [
         '--preset', plan.tokenizer_preset, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
-        '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
+        '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir), *gan_args(plan)],
+        'tokenizer training')
     return tok_dir / 'vae-ckpt-last.pth'
 
 
@@ -151,7 +162,8 @@ def images_npz(files: List[Path], path: Path) -> Path:
 
 def first_per_class(split_dir: Path, per_class: int) -> List[Path]:
     """The first `per_class` PNGs (by name) of every class folder."""
-    return [f for c in sorted(d for d in split_dir.iterdir() if d.is_dir()) for f in sorted(c.glob('*.png'))[:per_class]]
+    classes = sorted(d for d in split_dir.iterdir() if d.is_dir())
+    return [f for c in classes for f in sorted(c.glob('*.png'))[:per_class]]
 
 
 def reference_npz(data_root: Path, out: Path) -> Path:
@@ -266,10 +278,10 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
               '## Configuration', '',
               f'- tokenizer: preset `{plan.tokenizer_preset}`, {params["tokenizer"]:,} parameters, '
               f'{plan.tokenizer_epochs} epoch(s), batch {plan.batch_size}, base lr {plan.tokenizer_lr}, '
-              f'{plan.precision}',
-              f'- VIAR: preset `{plan.model_preset}`{" " + " ".join(plan.extra_train_args) if plan.extra_train_args else ""}'
-              f', {params["model"]:,} parameters, {plan.model_epochs} epoch(s), batch {plan.batch_size}, base lr '
-              f'{plan.model_lr}, {plan.precision}',
+              f'{plan.precision}, PatchGAN x {plan.gan_weight} from {plan.gan_from:.0%} of the iterations',
+              f'- VIAR: preset `{plan.model_preset}` {" ".join(plan.extra_train_args)}, '
+              f'{params["model"]:,} parameters, '
+              f'{plan.model_epochs} epoch(s), batch {plan.batch_size}, base lr {plan.model_lr}, {plan.precision}',
               f'- sampling: cfg {plan.cfg}, top-k {plan.top_k or "off"}, top-p {plan.top_p or "off"}',
               f'- plan: `{json.dumps(asdict(plan))}`', '',
               '## Wall times', '', '| stage | seconds |', '|---|---|']

@@ -370,12 +370,12 @@ VAR_PRESETS: Dict[str, VARConfig] = {
     'var-d30': _var(30),
     'viar-d30': _var(30, use_implicit=True, pre_depth=5, post_depth=5),
     # The CPU demo (Fashion-MNIST, 32px, with vae-demo-fmnist32): width 128, 1 pre- and 1 post-block, short S-JFB.
-    'viar-demo': VARConfig(depth=4, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 5, 8, 16),
+    'viar-demo': VARConfig(depth=4, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 4, 6, 8),
                            vocab_size=256, Cvae=16, init_adaln_gamma=1e-3, use_implicit=True, pre_depth=1,
                            post_depth=1, implicit_no_grad_iters=(0, 3), implicit_grad_iters=(1, 3),
                            implicit_eval_iters=3),
     # Its explicit counterpart for the reproduction benchmark: same width, 9 blocks, so viar-demo has 39 % of its
     # parameters (the paper's VIAR has 38.4 % of VAR-d30's).
-    'var-demo': VARConfig(depth=9, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 5, 8, 16),
+    'var-demo': VARConfig(depth=9, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 4, 6, 8),
                           vocab_size=256, Cvae=16, init_adaln_gamma=1e-3),
 }

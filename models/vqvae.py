@@ -175,9 +175,11 @@ class VQVAE(nn.Module):
 VQVAE_PRESETS: Dict[str, VQVAEConfig] = {
     # The released tokenizer (vae_ch160v4096z32.pth), 256px images -> 16x16 latents.
     'vae-ch160v4096z32': VQVAEConfig(),
-    # The CPU demo's tokenizer: 32px Fashion-MNIST -> 16x16 latents, 6 scales, 256 codes. An 8x8 latent (ch_mult
-    # (1, 2, 2), scales to 8) trains 1.8x faster per image but stays blurry: its reconstructions score 4-5x the floor
-    # FID (bench/results/tokenizer_study.md).
-    'vae-demo-fmnist32': VQVAEConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                                     patch_nums=(1, 2, 3, 5, 8, 16)),
+    # The CPU demo's tokenizer: 32px Fashion-MNIST -> 8x8 latents, 6 scales, 256 codes (about 1M parameters).
+    'vae-demo-fmnist32': VQVAEConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                     patch_nums=(1, 2, 3, 4, 6, 8)),
+    # The same at 16x16 latents: sharper reconstructions for the same iterations (bench/results/tokenizer_study.md),
+    # but 359 instead of 130 tokens per image for the transformer, too many for the demo's 15 minutes.
+    'vae-demo-fmnist32-16': VQVAEConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                                        patch_nums=(1, 2, 3, 5, 8, 16)),
 }
