@@ -7,7 +7,6 @@ classes[i // N]) is drawn with its own seed derived from --seed and i, in fixed 
 result does not depend on the number of processes or on interruptions. Beside the PNG folder it writes
 `<run>.npz` (`arr_0`, uint8 NHWC) and `<run>.json` (every knob).
 """
-import json
 import logging
 import math
 import os
@@ -20,13 +19,15 @@ from tqdm import tqdm
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from utils import dist
-from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
+from utils.fileio import read_json_object, write_json_atomic
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype, check_knobs,
+from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype,
                                load_from_args, parse_classes, schedule_from_args, subnet_from_args)
 
 log = logging.getLogger('viar')
+MAX_PER_CLASS = 100_000  # images per class (ADM's FID protocol uses 50)
 
 
 def get_parser() -> ArgumentParser:
@@ -34,10 +35,10 @@ def get_parser() -> ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     g = p.add_argument_group('output')
-    g.add_argument('--per_class', type=int, default=50, help='images per class')
+    g.add_argument('--per_class', type=int_range(1, MAX_PER_CLASS), default=50, help='images per class')
     g.add_argument('--classes', default='all', help="'all', a range '0-99' or a list '1,5,9'")
-    g.add_argument('--batch_size', type=int, default=25, help='images per forward pass (per process)')
-    g.add_argument('--seed', type=int, default=1, help='global seed; image i uses a seed derived from it and i')
+    g.add_argument('--batch_size', type=POSITIVE, default=25, help='images per forward pass (per process)')
+    g.add_argument('--seed', type=SEED, default=1, help='global seed; image i uses a seed derived from it and i')
     g.add_argument('--sample_dir', default='samples', help='parent folder of the run folder, .npz and .json')
     g.add_argument('--name', default=None, help='run name (default: from checkpoint, cfg, schedule and seed)')
     g.add_argument('--no_npz', action='store_true', help='only write PNGs')
@@ -75,8 +76,11 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
     """Create the run folder, or check that an existing one was made with the same knobs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = sorted(k for k in knobs if old.get('knobs', {}).get(k) != knobs[k])
+        old = read_json_object(meta_path).get('knobs')
+        if not isinstance(old, dict):
+            raise UserError(f'{meta_path}: holds no knobs object (not written by sampling.py?); pass another --name '
+                            f'or remove it')
+        diff = sorted(k for k in knobs if old.get(k) != knobs[k])
         if diff:
             raise UserError(f'{out_dir} holds samples made with other settings ({", ".join(diff)}); '
                             f'pass another --name or remove the folder')
@@ -84,18 +88,9 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
         write_json_atomic(meta_path, {'knobs': knobs})
 
 
-def write_json_atomic(path: Path, obj: dict):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def main(args):
     info = dist.init_distributed(device=args.device)
     setup_logging(info.rank)
-    if args.per_class <= 0 or args.batch_size <= 0:
-        raise UserError(f'--per_class and --batch_size must be positive, got {args.per_class} and {args.batch_size}')
-    check_knobs(args)
     if info.is_main:
         writable_dir(args.sample_dir, '--sample_dir')
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
