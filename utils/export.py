@@ -31,7 +31,9 @@ def weights_of(obj, path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
     else:
-        raise UserError(f'{path}: not a recognised checkpoint (top-level keys: {sorted(obj)[:8]})')
+        raise UserError(f'{path}: not a recognised checkpoint (top-level keys: {sorted(obj, key=str)[:8]})')
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f'{path}: its weights are not a state dict (parameter name -> tensor)')
     return {k: v.detach().cpu().contiguous() for k, v in strip_wrapper_prefixes(sd).items()}, meta
 
 
