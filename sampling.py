@@ -124,7 +124,7 @@ def main(args):
              f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}')
     t0 = time.time()
     done = 0
-    for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):
+    for b in tqdm(mine, disable=None if info.is_main else True, desc='sampling', unit='batch'):  # None: a TTY only
         idx = list(range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))
         labels = torch.tensor([classes[i // args.per_class] for i in idx], device=device)
         with torch.inference_mode(), autocast(device, amp_dtype):
@@ -151,7 +151,8 @@ def pack_npz(out_dir: Path, npz_path: Path, total: int, image_size: int):
     missing = [i for i in range(total) if not (out_dir / f'{i:06d}.png').exists()]
     if missing:
         raise UserError(f'{len(missing)} images missing in {out_dir} (first: {missing[0]:06d}.png); re-run to finish')
-    rows = (load_png_rgb(out_dir / f'{i:06d}.png') for i in tqdm(range(total), desc='packing npz', unit='img'))
+    rows = (load_png_rgb(out_dir / f'{i:06d}.png') for i in tqdm(range(total), desc='packing npz', unit='img',
+                                                                           disable=None))
     write_npz_stream(npz_path, rows, total, (image_size, image_size, 3))
 
 

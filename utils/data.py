@@ -83,8 +83,8 @@ def build_transform(image_size: int, train: bool, mid_reso: float = DEFAULT_MID_
 def image_files(folder: Path, seen: set, skipped: Counter) -> List[str]:
     """Image files under `folder`, sorted, each file once: symbolic links are followed, but a folder or file reached
     twice (a link loop, a second link to it) is skipped, and so are non-regular files such as FIFOs, which would block
-    the reader forever. `seen` holds the (device, inode) pairs met so far; `skipped` counts what was left out, by
-    reason."""
+    the reader forever. `seen` holds the folders (the data root and every class folder from the start) and files met
+    so far, as ('dir', device, inode) and (device, inode); `skipped` counts what was left out, by reason."""
     found, stack = [], [folder]
     while stack:
         current = stack.pop()
@@ -94,7 +94,7 @@ def image_files(folder: Path, seen: set, skipped: Counter) -> List[str]:
         except OSError:
             skipped['unreadable folder(s)'] += 1
             continue
-        if ('dir', st.st_dev, st.st_ino) in seen:
+        if current != folder and ('dir', st.st_dev, st.st_ino) in seen:
             skipped['folder(s) reached twice through symbolic links'] += 1
             continue
         seen.add(('dir', st.st_dev, st.st_ino))
@@ -145,7 +145,10 @@ class ImageFolder(DatasetFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=True):
-        samples, seen, skipped = [], set(), Counter()
+        samples, skipped = [], Counter()
+        # The root and every class folder count as visited: a link back to them from inside a class is skipped.
+        roots = [Path(directory), *(Path(directory) / name for name in class_to_idx)]
+        seen = {('dir', st.st_dev, st.st_ino) for st in (r.stat() for r in roots if r.is_dir())}
         for name in sorted(class_to_idx):
             folder = Path(directory) / name
             if folder.is_dir():

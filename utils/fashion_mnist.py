@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, int_range, main_entry
+from utils.cli import ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import read_json_object, write_json_atomic
 from utils.images import save_png_atomic
 
@@ -106,10 +106,11 @@ def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_c
     if done.is_file() and {k: read_json_object(done).get(k) for k in want} == want:
         return out_root
     raw = find_raw_dir(raw_dir)
+    splits = {split: read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
+              for split, prefix in SPLITS.items()}  # all four files checked before anything is written
     counts = {}
-    for split, prefix in SPLITS.items():
+    for split, (images, labels) in splits.items():
         limit = per_class if split == 'train' else val_per_class
-        images, labels = read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
         for name in CLASS_NAMES:
             (out_root / split / name).mkdir(parents=True, exist_ok=True)
         taken = np.zeros(len(CLASS_NAMES), dtype=int)
@@ -137,6 +138,7 @@ def get_parser() -> ArgumentParser:
 
 
 def main(args):
+    writable_dir(args.out, '--out')
     root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class,
                    val_per_class=args.val_per_class)
     print(f'Fashion-MNIST ImageFolder ready at {root}: {read_json_object(root / DONE_FILE).get("counts")}')

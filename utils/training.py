@@ -301,6 +301,7 @@ def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan)
 # What every training checkpoint holds (TrainLoop.save), with the types a resume relies on.
 TRAINING_KEYS = {'kind': str, 'config': dict, 'model': dict, 'amp': dict, 'it': int, 'epoch': int, 'epoch_it': int,
                  'iters_per_epoch': int, 'best': (int, float), 'rng': list}
+BATCH_KEYS = {'micro_batch': int, 'accum': int, 'world': int}
 RNG_KEYS = ('torch', 'python', 'numpy')
 WRITERS = {'var': 'train.py', 'vqvae': 'train_tokenizer.py'}
 KIND_NAMES = {'var': 'transformer (VAR/VIAR)', 'vqvae': 'tokenizer (VQVAE)'}
@@ -318,11 +319,12 @@ def check_training_checkpoint(ckpt: Any, path: Path, kind: str):
                         f'checkpoint (to use it here, pass it as {hint}); {fresh}')
     if 'it' not in ckpt:
         raise UserError(f'{path} is not a training checkpoint (no optimizer state or position); {fresh}')
-    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    keys = {**TRAINING_KEYS, **(BATCH_KEYS if 'micro_batch' in ckpt else {})}  # older checkpoints lack BATCH_KEYS
+    missing = [k for k in keys if k not in ckpt]
     if missing:
         raise UserError(f'{path}: training checkpoint without {", ".join(missing)} (damaged or written by another '
                         f'tool); {fresh}')
-    wrong = [f'{k} is a {type(ckpt[k]).__name__}' for k, t in TRAINING_KEYS.items()
+    wrong = [f'{k} is a {type(ckpt[k]).__name__}' for k, t in keys.items()
              if not isinstance(ckpt[k], t) or isinstance(ckpt[k], bool)]
     if not wrong and not all(isinstance(s, dict) and all(k in s for k in RNG_KEYS) for s in ckpt['rng']):
         wrong.append(f'rng is not a list of RNG states ({", ".join(RNG_KEYS)})')
