@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,19 +30,24 @@ from utils.fileio import copy_atomic, read_json_object, write_json_atomic, write
 from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
 from utils.loading import load_models, load_vae
 from utils.log import setup_logging
+from utils.inception import load_inception
 from utils.plots import plot_training_curves
+from utils.quality_report import quality_table, target_lines
 
 log = logging.getLogger('viar')
-TOKENIZER_PRESET, MODEL_PRESET = 'vae-demo-fmnist32', 'viar-demo'
+FLOOR_ROW = 'real training images (floor)'
 RECONSTRUCTION_ROW = 'tokenizer reconstructions'
 IMAGE_SIZE = 32
+# Quality targets of the full demo: FID as a multiple of the floor row's, precision and recall of the VIAR samples.
+TARGET_RECONSTRUCTION, TARGET_FID, TARGET_PRECISION, TARGET_RECALL = 1.5, 2.5, 0.5, 0.3
 
 
 @dataclass(frozen=True)
 class DemoPlan:
     """Sizes of one demo run."""
     train_per_class: int
-    val_per_class: int           # validation images; also the FID reference set
+    val_per_class: int           # validation images: the reference set of every metric
+    floor_per_class: int         # real training images scored like a sample set (the floor row)
     tokenizer_epochs: int
     model_epochs: int
     batch_size: int
@@ -54,13 +59,17 @@ class DemoPlan:
     cfg: float = 2.0
     top_k: int = 0
     top_p: float = 0.0
+    precision: str = 'bf16'      # training autocast (train.py / train_tokenizer.py --precision)
+    resamples: int = 100         # bootstrap resamples behind every standard error
+    tokenizer_preset: str = 'vae-demo-fmnist32'
+    model_preset: str = 'viar-demo'
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=800, val_per_class=30, tokenizer_epochs=1, model_epochs=3, batch_size=32,
-                samples_per_class=30, grid_seeds=8, schedules=('const:3', 'linear:3,1'))
-QUICK = DemoPlan(train_per_class=40, val_per_class=4, tokenizer_epochs=1, model_epochs=1, batch_size=16,
-                 samples_per_class=4, grid_seeds=2, schedules=('const:2',),
+FULL = DemoPlan(train_per_class=800, val_per_class=100, floor_per_class=100, tokenizer_epochs=1, model_epochs=3,
+                batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3', 'linear:3,1'))
+QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
+                 batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
                  extra_train_args=('--depth', '2', '--embed_dim', '64', '--num_heads', '2'))
 
 
@@ -100,13 +109,14 @@ def call_cli(module, argv: List[str], what: str):
 
 def common_train_args(root: Path, plan: DemoPlan, seed: int, quick: bool) -> List[str]:
     return ['--data_path', str(root), '--bs', str(plan.batch_size), '--seed', str(seed), '--workers', '1',
+            '--precision', plan.precision,
             '--device', 'cpu', '--save_freq', '1', '--log_freq', '10' if quick else '20']
 
 
 def train_tokenizer_stage(root: Path, tok_dir: Path, plan: DemoPlan, seed: int, quick: bool) -> Path:
     """train_tokenizer.py with the demo preset; returns the checkpoint (a finished run is reused)."""
     call_cli(train_tokenizer, common_train_args(root, plan, seed, quick) + [
-        '--preset', TOKENIZER_PRESET, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
+        '--preset', plan.tokenizer_preset, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
         '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir)], 'tokenizer training')
     return tok_dir / 'vae-ckpt-last.pth'
 
@@ -130,31 +140,56 @@ def sample_set(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str, sample
     return sample_dir / f'{name}.npz'
 
 
-def reference_npz(data_root: Path, out: Path) -> Path:
-    """The validation images as an ADM reference batch (uint8 NHWC .npz), written once."""
-    path = out / 'reference.npz'
+def images_npz(files: List[Path], path: Path) -> Path:
+    """PNG files as an ADM image batch (uint8 NHWC .npz), written once."""
     if path.is_file():
         return path
-    files = sorted((data_root / 'val').rglob('*.png'))
     if not files:
-        raise UserError(f'no validation images under {data_root / "val"}')
+        raise UserError(f'no images for {path.name}')
     write_npz_stream(path, (load_png_rgb(f) for f in files), len(files), (IMAGE_SIZE, IMAGE_SIZE, 3))
     return path
 
 
-def reconstructions_npz(reference: Path, vae_ckpt: Path, out: Path) -> Path:
-    """The tokenizer's reconstructions of the reference images: what the decoder alone costs in the metrics."""
+def first_per_class(split_dir: Path, per_class: int) -> List[Path]:
+    """The first `per_class` PNGs (by name) of every class folder."""
+    return [f for c in sorted(d for d in split_dir.iterdir() if d.is_dir()) for f in sorted(c.glob('*.png'))[:per_class]]
+
+
+def reference_npz(data_root: Path, out: Path) -> Path:
+    """The validation images: the reference batch of every metric (its activations are cached beside it)."""
+    return images_npz(sorted((data_root / 'val').rglob('*.png')), out / 'reference.npz')
+
+
+def floor_npz(data_root: Path, out: Path, per_class: int) -> Path:
+    """Real training images, as many as a sample set: scored against the reference, they give the floor at this N."""
+    return images_npz(first_per_class(data_root / 'train', per_class), out / 'floor.npz')
+
+
+def reconstructions_npz(source: Path, vae_ckpt: Path, out: Path) -> Path:
+    """The tokenizer's reconstructions of the floor images: what the decoder alone costs in the metrics."""
     path = out / 'reconstructions.npz'
     if path.is_file() and path.stat().st_mtime > vae_ckpt.stat().st_mtime:
         return path
     vae = load_vae(vae_ckpt)
-    with np.load(reference) as f:
+    with np.load(source) as f:
         images = f['arr_0']
     with torch.inference_mode():
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
         rec = torch.cat([vae.img_to_reconstructed_img(chunk, last_one=True) for chunk in x.split(100)])
     write_npz_stream(path, to_uint8_hwc(rec.add(1).mul(0.5)), len(rec), images.shape[1:])
     return path
+
+
+def score_sets(reference: Path, sets: Dict[str, Path], resamples: int) -> Dict[str, dict]:
+    """evaluator.evaluate of every set against the reference, with bootstrap standard errors and the set size."""
+    network = load_inception(None, 'cpu')
+    results = {}
+    for name, npz in sets.items():
+        results[name] = evaluator.evaluate(reference, npz, network=network, fid_method='eigh', resamples=resamples)
+        with np.load(npz) as f:
+            results[name]['n'] = len(f['arr_0'])
+        log.info(f'[demo] {name}: ' + ', '.join(evaluator.format_results(results[name])))
+    return results
 
 
 def sample_args(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str) -> List[str]:
@@ -180,47 +215,62 @@ def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int 
             'iters_per_scale': stats['iters']}
 
 
+def target_checks(metrics: Dict[str, dict], schedules: Sequence[str]) -> List[tuple]:
+    """The demo's quality targets as (what, measured, met): the tokenizer near the floor, VIAR samples close to it."""
+    floor = metrics[FLOOR_ROW]['fid']
+    rec = metrics[RECONSTRUCTION_ROW]['fid'] / floor
+    checks = [(f'tokenizer reconstructions FID <= {TARGET_RECONSTRUCTION}x the floor', f'{rec:.2f}x',
+               rec <= TARGET_RECONSTRUCTION)]
+    m = metrics[schedules[0]]
+    checks += [(f'VIAR `{schedules[0]}` FID <= {TARGET_FID}x the floor', f'{m["fid"] / floor:.2f}x',
+                m['fid'] / floor <= TARGET_FID),
+               (f'VIAR `{schedules[0]}` precision >= {TARGET_PRECISION}', f'{m["precision"]:.3f}',
+                m['precision'] >= TARGET_PRECISION),
+               (f'VIAR `{schedules[0]}` recall >= {TARGET_RECALL}', f'{m["recall"]:.3f}', m['recall'] >= TARGET_RECALL)]
+    return checks
+
+
 def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float], metrics: Dict[str, dict],
                  speed: Dict[str, dict], params: Dict[str, int], data_counts: dict, started: float):
     total = time.time() - started
+    extra = {s: {'iterations per scale': ','.join(map(str, v['iters_per_scale'])),
+                 'images/s': f'{v["images_per_s"]:.1f}', 'KV cache (MiB)': f'{v["kv_cache_MiB"]:.2f}'}
+             for s, v in speed.items()}
+    rows = {(f'VIAR `{k}`' if k in speed else k): v for k, v in metrics.items()}
+    extra = {f'VIAR `{k}`': v for k, v in extra.items()}
+    n_ref = data_counts.get('val')
     lines = [f'# VIAR CPU demo{" (quick mode)" if quick else ""}', '',
-             f'Fashion-MNIST at {IMAGE_SIZE}x{IMAGE_SIZE}: {data_counts.get("train")} training and '
-             f'{data_counts.get("val")} validation images (10 classes). Total wall time **{total / 60:.1f} min** on '
-             f'{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}.', '',
+             f'Fashion-MNIST at {IMAGE_SIZE}x{IMAGE_SIZE}: {data_counts.get("train")} training and {n_ref} validation '
+             f'images (10 classes). Total wall time **{total / 60:.1f} min** on {torch.get_num_threads()} CPU '
+             f'thread(s), torch {torch.__version__}.', '',
              '![samples](samples_grid.png)', '',
              f'One row per class ({", ".join(CLASS_NAMES)}), {plan.grid_seeds} seeds each, schedule '
              f'`{plan.schedules[0]}`, cfg {plan.cfg}.', '',
              '## Metrics', '',
-             f'{plan.samples_per_class * 10} generated images per schedule against the {data_counts.get("val")} '
-             'validation images (ADM protocol, offline Inception weights). The first row scores the tokenizer\'s own '
-             'reconstructions of those validation images: every generated image passes through the same decoder, so '
-             'this row shows how far the tokenizer alone already is from the real images. With so few images '
-             'FID/sFID carry a large estimation bias and a few points of noise; compare numbers within this table, '
-             'not with ImageNet results.', '',
-             '| schedule | iterations per scale | FID | sFID | precision | recall | Inception Score | images/s | '
-             'KV cache (MiB) |', '|---|---|---|---|---|---|---|---|---|']
-    for sched, m in metrics.items():
-        s = speed.get(sched, {})
-        inception = f'{m["inception_score"]:.2f}' if m['inception_score'] is not None else 'unavailable*'
-        label = f'`{sched}`' if sched in speed else f'{sched} (decoder only)'
-        iters = ','.join(map(str, s['iters_per_scale'])) if s else '-'
-        speed_cells = f'{s["images_per_s"]:.1f} | {s["kv_cache_MiB"]:.2f}' if s else '- | -'
-        lines.append(f'| {label} | {iters} | {m["fid"]:.2f} | {m["sfid"]:.2f} | {m["precision"]:.3f} | '
-                     f'{m["recall"]:.3f} | {inception} | {speed_cells} |')
+             f'Every row is scored against the same {n_ref} validation images (ADM protocol, offline Inception '
+             'weights, Fréchet distances through `--fid-method eigh`). The floor row scores as many real training '
+             'images: no model can beat it at this N, since FID carries an estimation bias that shrinks only with N. '
+             'The reconstruction row passes those same training images through the tokenizer, which every sample '
+             f'also passes through. ± is the bootstrap standard error over {plan.resamples} resamples of each set '
+             '(the counted points for precision and recall); rows whose intervals overlap are not distinguishable at '
+             'this N.', '',
+             *quality_table(rows, FLOOR_ROW, extra, ('iterations per scale', 'images/s', 'KV cache (MiB)')), '',
+             'Targets:', '', *target_lines(target_checks(metrics, plan.schedules))]
     if any(m['inception_score'] is None for m in metrics.values()):
         reason = next(m['inception_score_unavailable'] for m in metrics.values() if m['inception_score'] is None)
-        lines += ['', f'\\* {reason}']
+        lines += ['', f'Inception Score: unavailable ({reason}).']
     lines += ['', '## Training', '', '![losses](loss_curves.png)', '',
               '## Convergence of the implicit layer', '',
               'Relative residual ||z_{t+1} - z_t|| / ||z_t|| and cosine similarity per fixed-point iteration, one line '
               'per scale (paper Fig. 3 analogue), traced while drawing the grid with 10 iterations per scale.', '',
               '![convergence](convergence.png)', '',
               '## Configuration', '',
-              f'- tokenizer: preset `{TOKENIZER_PRESET}`, {params["tokenizer"]:,} parameters, '
-              f'{plan.tokenizer_epochs} epoch(s), batch {plan.batch_size}, base lr {plan.tokenizer_lr}',
-              f'- VIAR: preset `{MODEL_PRESET}`{" " + " ".join(plan.extra_train_args) if plan.extra_train_args else ""}'
+              f'- tokenizer: preset `{plan.tokenizer_preset}`, {params["tokenizer"]:,} parameters, '
+              f'{plan.tokenizer_epochs} epoch(s), batch {plan.batch_size}, base lr {plan.tokenizer_lr}, '
+              f'{plan.precision}',
+              f'- VIAR: preset `{plan.model_preset}`{" " + " ".join(plan.extra_train_args) if plan.extra_train_args else ""}'
               f', {params["model"]:,} parameters, {plan.model_epochs} epoch(s), batch {plan.batch_size}, base lr '
-              f'{plan.model_lr}',
+              f'{plan.model_lr}, {plan.precision}',
               f'- sampling: cfg {plan.cfg}, top-k {plan.top_k or "off"}, top-p {plan.top_p or "off"}',
               f'- plan: `{json.dumps(asdict(plan))}`', '',
               '## Wall times', '', '| stage | seconds |', '|---|---|']
@@ -245,7 +295,7 @@ def main(args):
     tok_dir, model_dir = out / 'tokenizer', out / 'viar'
     vae_ckpt = stages.run('train the tokenizer', train_tokenizer_stage, root, tok_dir, plan, args.seed, args.quick)
     ckpt = stages.run('train VIAR', train_model_stage, root, model_dir, vae_ckpt, plan, args.seed, args.quick,
-                      MODEL_PRESET, plan.extra_train_args, out / 'token_cache')
+                      plan.model_preset, plan.extra_train_args, out / 'token_cache')
 
     grid_dir = out / 'grid'
     stages.run('sample the grid and trace the implicit layer', call_cli, gen_img, sample_args(
@@ -260,15 +310,10 @@ def main(args):
     npzs = stages.run('sample images for the metrics', lambda: {
         s: sample_set(ckpt, vae_ckpt, plan, s, out / 'samples', args.seed) for s in plan.schedules})
 
-    def evaluate_all():
-        ref = reference_npz(root, out)
-        results = {RECONSTRUCTION_ROW: evaluator.evaluate(ref, reconstructions_npz(ref, vae_ckpt, out), device='cpu',
-                                                          fid_method='eigh')}
-        for sched, npz in npzs.items():
-            results[sched] = evaluator.evaluate(ref, npz, device='cpu', fid_method='eigh')
-            log.info(f'[demo] {sched}: ' + ', '.join(evaluator.format_results(results[sched])))
-        return results
-    metrics = stages.run('evaluate FID / sFID / precision / recall', evaluate_all)
+    floor = floor_npz(root, out, plan.floor_per_class)
+    metrics = stages.run('evaluate FID / sFID / precision / recall', lambda: score_sets(
+        reference_npz(root, out), {FLOOR_ROW: floor, RECONSTRUCTION_ROW: reconstructions_npz(floor, vae_ckpt, out),
+                                   **npzs}, plan.resamples))
     speed = stages.run('measure sampling speed per schedule',
                        lambda: {s: measure_speed(ckpt, vae_ckpt, s, plan.cfg, n=10 if args.quick else 50)
                                 for s in plan.schedules})

@@ -28,19 +28,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.checkpoint import PathLike
-from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, main_entry, writable_dir
+from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import atomic_write
 from utils.images import to_rgb
 from utils.inception import POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
 from utils.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
-    precision_recall
+    precision_recall_hits
+from utils.uncertainty import standard_errors
 
 log = logging.getLogger('viar')
 
 DEFAULT_BATCH_SIZE = 64                      # ADM's activation batch
+MAX_BOOTSTRAP = 10_000                       # --bootstrap resamples (a few hundred give stable standard errors)
 IMAGES_KEY = 'arr_0'
 POOL_KEY = 'pool'                            # stats files: float32 pool_3 activations (N, 2048)
+SPATIAL_KEY = 'spatial'                      # stats files, optional: float32 mixed_6/conv activations (N, 2023)
 WEIGHTS_KEY = 'weights_id'                   # stats files: which Inception weights produced them
 STAT_SHAPES = {'mu': (POOL_DIM,), 'sigma': (POOL_DIM, POOL_DIM), 'mu_s': (SPATIAL_DIM,),
                'sigma_s': (SPATIAL_DIM, SPATIAL_DIM)}
@@ -256,13 +259,16 @@ class BatchStats:
     fid: GaussianStats       # pool_3 statistics (the batch file's own when it stores them, as in ADM)
     sfid: GaussianStats      # mixed_6/conv statistics
     weights_id: str
+    spatial_NS: Optional[np.ndarray] = None   # float32 (N, 2023) mixed_6/conv activations: sFID's bootstrap
 
 
 def save_stats(stats: BatchStats, path: PathLike):
     """Write a stats .npz through `atomic_write`."""
+    spatial = {} if stats.spatial_NS is None else {SPATIAL_KEY: stats.spatial_NS}
     with atomic_write(path) as f:
         np.savez(f, **{POOL_KEY: stats.pool_ND, 'mu': stats.fid.mu, 'sigma': stats.fid.sigma,
-                       'mu_s': stats.sfid.mu, 'sigma_s': stats.sfid.sigma, WEIGHTS_KEY: np.array(stats.weights_id)})
+                       'mu_s': stats.sfid.mu, 'sigma_s': stats.sfid.sigma, WEIGHTS_KEY: np.array(stats.weights_id)},
+                 **spatial)
 
 
 def load_stats(path: Path) -> BatchStats:
@@ -275,8 +281,13 @@ def load_stats(path: Path) -> BatchStats:
     if len(shape) != 2 or shape[1] != POOL_DIM or shape[0] == 0 or dtype != np.float32:
         raise UserError(f'{path}: {POOL_KEY} must be float32 of shape (N, {POOL_DIM}), found {dtype} {shape}')
     fid, sfid = _load_stored_stats(path, headers)
+    spatial = headers.get(SPATIAL_KEY)
+    if spatial is not None and (spatial[0] != (shape[0], SPATIAL_DIM) or spatial[1] != np.float32):
+        raise UserError(f'{path}: {SPATIAL_KEY} must be float32 of shape ({shape[0]}, {SPATIAL_DIM}), found '
+                        f'{spatial[1]} {spatial[0]}')
     with np.load(path, allow_pickle=False) as npz:
-        return BatchStats(npz[POOL_KEY], fid, sfid, str(npz[WEIGHTS_KEY]))
+        return BatchStats(npz[POOL_KEY], fid, sfid, str(npz[WEIGHTS_KEY]),
+                          npz[SPATIAL_KEY] if spatial is not None else None)
 
 
 def cache_path(path: Path, weights_id: str) -> Path:
@@ -315,8 +326,10 @@ def compute_activations(images: ImageSource, network: InceptionFeatures, batch_s
 
 
 def batch_stats(batch: Batch, network: InceptionFeatures, batch_size: int = DEFAULT_BATCH_SIZE, cache: bool = True,
-                progress: bool = True) -> BatchStats:
-    """Activations and statistics of a batch: from a stats file, from the cache, or by running Inception."""
+                progress: bool = True, spatial: bool = False) -> BatchStats:
+    """Activations and statistics of a batch: from a stats file, from the cache, or by running Inception.
+
+    `spatial` keeps the mixed_6/conv activations too (sFID's bootstrap needs them; 8 KB per image in the cache)."""
     if batch.images is None:
         stats = load_stats(batch.path)
         if stats.weights_id != network.weights_id:
@@ -324,12 +337,12 @@ def batch_stats(batch: Batch, network: InceptionFeatures, batch_size: int = DEFA
                             f'uses {network.weights_id[:40]}...; recompute it or pass the matching --inception')
         return stats
     cached = _read_cache(batch, network.weights_id) if cache else None
-    if cached is not None:
+    if cached is not None and (cached.spatial_NS is not None or not spatial):
         return cached
     log.info(f'computing activations of {batch.path} ({len(batch.images)} images)')
     pool_ND, spatial_NS = compute_activations(batch.images, network, batch_size, progress)
     fid, sfid = batch.stored or (gaussian_stats(pool_ND), gaussian_stats(spatial_NS))
-    stats = BatchStats(pool_ND, fid, sfid, network.weights_id)
+    stats = BatchStats(pool_ND, fid, sfid, network.weights_id, spatial_NS if spatial else None)
     if cache:
         try:
             save_stats(stats, cache_path(batch.path, network.weights_id))
@@ -377,7 +390,7 @@ def sample_inception_score(sample: BatchStats, network: InceptionFeatures,
 def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch.device] = 'auto',
              batch_size: int = DEFAULT_BATCH_SIZE, weights: Optional[PathLike] = None, *,
              network: Optional[InceptionFeatures] = None, cache: bool = True, is_shuffle_seed: Optional[int] = 0,
-             progress: bool = True, fid_method: str = 'scipy') -> Dict[str, Any]:
+             progress: bool = True, fid_method: str = 'scipy', resamples: int = 0) -> Dict[str, Any]:
     """ADM's five metrics of a sample batch against a reference batch.
 
     Returns {'inception_score', 'fid', 'sfid', 'precision', 'recall'} as floats; 'inception_score' is None when the
@@ -385,20 +398,26 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     file (None: the offline TorchScript network); a prebuilt `network` overrides `weights` and `device`.
     `is_shuffle_seed` seeds the shuffle before the IS splits (VIAR's evaluator shuffles unseeded); None: no shuffle.
     `fid_method`: 'scipy' (ADM's sqrtm) or 'eigh' (same value in exact arithmetic, much faster on a CPU).
+    `resamples` > 0 adds bootstrap standard errors 'fid_se', 'sfid_se', 'precision_se', 'recall_se'
+    (utils/uncertainty.py); the sample batch must then hold images, not only statistics.
     """
     if fid_method not in FRECHET_METHODS:
         raise UserError(f'unknown Fréchet method {fid_method!r}; choose from {sorted(FRECHET_METHODS)}')
     frechet = FRECHET_METHODS[fid_method]
     if batch_size < 1:
         raise UserError(f'--batch-size must be >= 1, got {batch_size}')
+    if resamples < 0:
+        raise UserError(f'--bootstrap must be >= 0, got {resamples}')
     ref, sample = open_batch(ref_path), open_batch(sample_path)    # validate both before the long part
+    if resamples and sample.images is None:
+        raise UserError(f'{sample.path}: --bootstrap resamples the sample images; pass the images, not a stats file')
     if network is None:
         network = load_inception(weights, resolve_device(str(device)))
     with strict_fp32():
         log.info('reference batch:')
         ref_stats = batch_stats(ref, network, batch_size, cache, progress)
         log.info('sample batch:')
-        sample_stats = batch_stats(sample, network, batch_size, cache, progress)
+        sample_stats = batch_stats(sample, network, batch_size, cache, progress, spatial=resamples > 0)
     for name, stats in (('reference', ref_stats), ('sample', sample_stats)):
         if len(stats.pool_ND) <= POOL_DIM:
             log.warning(f'{name} batch has only {len(stats.pool_ND)} images: its pool_3 covariance is singular and '
@@ -407,13 +426,17 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     inception, why = sample_inception_score(sample_stats, network, is_shuffle_seed)
     ref_pool = torch.from_numpy(ref_stats.pool_ND).to(network.device)
     sample_pool = torch.from_numpy(sample_stats.pool_ND).to(network.device)
-    precision, recall = precision_recall(ref_pool, sample_pool)
-    return {
+    precision_hits, recall_hits = precision_recall_hits(ref_pool, sample_pool)
+    results = {
         'inception_score': inception, 'inception_score_unavailable': why,
         'fid': frechet(sample_stats.fid, ref_stats.fid),
         'sfid': frechet(sample_stats.sfid, ref_stats.sfid),
-        'precision': precision, 'recall': recall,
+        'precision': float(precision_hits.double().mean()), 'recall': float(recall_hits.double().mean()),
     }
+    if resamples:
+        results.update(standard_errors(sample_stats.pool_ND, sample_stats.spatial_NS, ref_stats.fid, ref_stats.sfid,
+                                       precision_hits.cpu().numpy(), recall_hits.cpu().numpy(), resamples))
+    return results
 
 
 def format_results(results: Dict[str, Any]) -> List[str]:
@@ -423,6 +446,8 @@ def format_results(results: Dict[str, Any]) -> List[str]:
         value = results[key]
         if value is None:
             lines.append(f'{label}: unavailable ({results[key + "_unavailable"]})')
+        elif key + '_se' in results:
+            lines.append(f'{label}: {value} (bootstrap standard error {results[key + "_se"]:.4g})')
         else:
             lines.append(f'{label}: {value}')
     return lines
@@ -475,6 +500,9 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--fid-method', choices=sorted(FRECHET_METHODS), default='scipy',
                         help="scipy: ADM's sqrtm; eigh: the same trace through symmetric eigendecompositions, exact "
                              "in real arithmetic and 10-20x faster on a CPU")
+    parser.add_argument('--bootstrap', type=int_range(0, MAX_BOOTSTRAP), default=0, metavar='N',
+                        help='also report bootstrap standard errors of FID, sFID, precision and recall from N '
+                             'resamples of the sample batch (0: off; 100 is plenty)')
     return parser
 
 
@@ -491,7 +519,7 @@ def main(args) -> int:
         raise UserError('give a reference batch and a sample batch (or one input with --save-stats OUT.npz)')
     results = evaluate(args.ref_batch, args.sample_batch, args.device, args.batch_size, args.inception,
                        cache=args.cache, is_shuffle_seed=args.is_seed if args.is_shuffle else None,
-                       progress=args.progress, fid_method=args.fid_method)
+                       progress=args.progress, fid_method=args.fid_method, resamples=args.bootstrap)
     for line in format_results(results):
         print(line)
     return 0

@@ -1,12 +1,14 @@
 """Class-conditional images and grids, zero-shot in-/out-painting and box editing, and convergence traces.
 
-    python gen_img.py --classes 970 --seeds 10-19 --save_grid                       # the official defaults
+    python gen_img.py --use_implicit --save_grid                                    # the official README command
+    python gen_img.py --classes 970 --seeds 10-19 --save_grid --out_dir grids       # our spellings, flat folder
     python gen_img.py --edit_image photo.jpg --box 0.25,0.25,0.75,0.75 --edit_mode inpaint
     python gen_img.py --edit_image photo.jpg --box 0.2,0.3,0.6,0.9 --edit_mode inpaint --edit_class 207
     python gen_img.py --classes 1,2 --seeds 0-3 --trace                             # residual/cosine per scale
 
 One image per (class, seed); an image's randomness depends only on its seed (for one image this reproduces the
-official gen_img.py with the same seed). Outputs go to --out_dir (gen_images/ by default).
+official gen_img.py with the same seed). Outputs go to gen_images/<checkpoint stem>/ with the official file names
+(--output_dir sets the parent), or straight into --out_dir with grid.png.
 """
 import logging
 from pathlib import Path
@@ -20,12 +22,13 @@ from torchvision.utils import make_grid
 
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, make_edit_spec
+from utils import official
 from utils.cli import (MAX_SEED, NON_NEGATIVE, POSITIVE, ArgumentParser, UserError, int_range, main_entry,
                        refuse_overwriting_inputs, writable_dir)
 from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
-from utils.sample_args import (add_model_args, add_sampling_args, autocast, autocast_dtype,
+from utils.sample_args import (MAX_IDS, add_model_args, add_sampling_args, autocast, autocast_dtype,
                                load_from_args, parse_classes, parse_ids, resolve_device, schedule_from_args,
                                subnet_from_args)
 
@@ -37,14 +40,23 @@ EDIT_MODES = ('inpaint', 'outpaint')
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split('\n\n')[0])
     add_model_args(p)
+    p.add_argument('--var_ckpt', dest='ckpt', help='official spelling of --ckpt (default: ckpts/viar.pth, or '
+                   'ckpts/var_d<depth>.pth given --no-use_implicit or --depth without --use_implicit)')
+    p.set_defaults(ckpt=None)
     add_sampling_args(p)
     g = p.add_argument_group('what to generate')
-    g.add_argument('--classes', default='970', help="class ids, e.g. '970' or '1,207,360'")
-    g.add_argument('--seeds', default='10-19', help="seeds per class, e.g. '10-19' or '0,5'")
+    g.add_argument('--classes', '--class_label', default='970', help="class ids, e.g. '970' or '1,207,360'")
+    g.add_argument('--seeds', nargs='+', default=['10-19'], help="seeds per class: '10 11 12', '10-19' or '0,5'")
     g.add_argument('--batch_size', type=POSITIVE, default=16, help='images per forward pass')
-    g.add_argument('--out_dir', default='gen_images')
-    g.add_argument('--save_grid', action='store_true', help='also write grid.png (one row per class)')
-    g.add_argument('--nrow', type=NON_NEGATIVE, default=0, help='grid columns (default: seeds per class)')
+    g.add_argument('--output_dir', default=None, help='official layout: write into OUTPUT_DIR/<checkpoint file name '
+                   f'without .pth>/ (default {official.OFFICIAL_GEN_DIR})')
+    g.add_argument('--out_dir', default=None, help='write straight into OUT_DIR, the grid as grid.png')
+    g.add_argument('--save_grid', action='store_true',
+                   help='also write a grid (official name, e.g. class970_seeds10_11_12_grid.png; with --out_dir '
+                        'grid.png)')
+    g.add_argument('--nrow', type=NON_NEGATIVE, default=0,
+                   help=f'grid columns (0: one row per class; {official.OFFICIAL_NROW}, as the official, for one '
+                        f'class)')
     g.add_argument('--trace', action='store_true',
                    help='write trace.json and trace.png: fixed-point residual and cosine per scale and iteration')
     e = p.add_argument_group('zero-shot editing')
@@ -119,14 +131,21 @@ def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: Lis
 
 def main(args):
     setup_logging(0)
-    out_dir = writable_dir(args.out_dir, '--out_dir')
+    if args.out_dir is not None and args.output_dir is not None:
+        raise UserError('give --out_dir (files straight in it) or --output_dir (a subfolder per checkpoint), not both')
+    if args.ckpt is None:
+        args.ckpt = str(official.default_gen_ckpt(args.use_implicit, args.depth))
+    out_dir = writable_dir(official.gen_output_dir(args.out_dir, args.output_dir, args.ckpt),
+                           '--out_dir' if args.out_dir is not None else '--output_dir')
     device = resolve_device(args.device)
     amp_dtype = autocast_dtype(args.dtype, device)
     vae, var = load_from_args(args, device)
     schedule = schedule_from_args(args, var)
     solver = make_solver(args.solver)
     subnet = subnet_from_args(args, var)
-    seeds = parse_ids(args.seeds, 'seeds', 0, MAX_SEED)
+    seeds = [s for spec in args.seeds for s in parse_ids(spec, 'seeds', 0, MAX_SEED)]
+    if len(seeds) > MAX_IDS:
+        raise UserError(f'--seeds selects {len(seeds)} seeds, more than the limit of {MAX_IDS} per run')
     trace = {} if args.trace else None
     if args.edit_image is not None:
         if not 0 <= args.edit_class < var.num_classes and args.edit_class != -1:
@@ -134,10 +153,12 @@ def main(args):
         classes, prefix = [args.edit_class if args.edit_class >= 0 else var.num_classes], 'edit'
     else:
         classes, prefix = parse_classes(args.classes, var.num_classes), 'class'
+    grid_name = 'grid.png' if args.out_dir is not None else official.grid_name(prefix, classes, seeds)
     outputs = [out_dir / f'{prefix}{c}_seed{s}.png' for c in classes for s in seeds]
-    outputs += [out_dir / name for name in ('source.png', 'source_kept.png', 'grid.png', 'trace.json', 'trace.png')]
+    outputs += [out_dir / name for name in ('source.png', 'source_kept.png', grid_name, 'trace.json', 'trace.png')]
     refuse_overwriting_inputs({'--edit_image': args.edit_image, '--mask': args.mask, '--ckpt': args.ckpt,
-                               '--vae_ckpt': args.vae_ckpt}, outputs, '--out_dir')
+                               '--vae_ckpt': args.vae_ckpt}, outputs,
+                              '--out_dir' if args.out_dir is not None else '--output_dir')
 
     edit = None
     if args.edit_image is not None:
@@ -160,9 +181,12 @@ def main(args):
                       trace=trace)
     for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):
         save_png_atomic(arr, out_dir / f'{prefix}{c}_seed{s}.png')
-    if args.save_grid:
-        grid = make_grid(images, nrow=args.nrow or len(seeds), padding=GRID_PAD, pad_value=GRID_PAD_VALUE)
-        save_png_atomic(to_uint8_hwc(grid.unsqueeze(0))[0], out_dir / 'grid.png')
+    if args.save_grid and len(images) < 2:
+        log.info('--save_grid: a single image makes no grid (as the official script)')
+    elif args.save_grid:
+        nrow = args.nrow or (len(seeds) if len(classes) > 1 else official.OFFICIAL_NROW)
+        grid = make_grid(images, nrow=nrow, padding=GRID_PAD, pad_value=GRID_PAD_VALUE)
+        save_png_atomic(to_uint8_hwc(grid.unsqueeze(0))[0], out_dir / grid_name)
     if trace is not None:
         if not var.use_implicit:
             log.info('--trace: an explicit VAR has no fixed-point iterations to trace')

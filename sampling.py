@@ -5,7 +5,9 @@
 Sharded over torchrun processes and resumable: re-running the same command skips finished images. Image i (class
 classes[i // N]) is drawn with its own seed derived from --seed and i, in fixed batches of --batch_size, so the
 result does not depend on the number of processes or on interruptions. Beside the PNG folder it writes
-`<run>.npz` (`arr_0`, uint8 NHWC) and `<run>.json` (every knob).
+`<run>.npz` (`arr_0`, uint8 NHWC) and `<run>.json` (every knob). The official command line works as it is
+(`--ckpt_path ... --depth 30 --use_implicit True --iter_left 10 --iter_right 10`) and writes the official
+`samples/implicit-viar.pth-cfg-1.5-seed-1{/,.npz}`; utils/official.py has the naming rule.
 """
 import logging
 import math
@@ -18,7 +20,7 @@ from tqdm import tqdm
 
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
-from utils import dist
+from utils import dist, official
 from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import read_json_object, write_json_atomic
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
@@ -40,20 +42,17 @@ def get_parser() -> ArgumentParser:
     g.add_argument('--batch_size', type=POSITIVE, default=25, help='images per forward pass (per process)')
     g.add_argument('--seed', type=SEED, default=1, help='global seed; image i uses a seed derived from it and i')
     g.add_argument('--sample_dir', default='samples', help='parent folder of the run folder, .npz and .json')
-    g.add_argument('--name', default=None, help='run name (default: from checkpoint, cfg, schedule and seed)')
+    g.add_argument('--name', default=None, help='run name (default: the official name, e.g. '
+                   'implicit-viar.pth-cfg-1.5-seed-1, plus the knobs it cannot express; see utils/official.py)')
     g.add_argument('--no_npz', action='store_true', help='only write PNGs')
+    g.add_argument('--dry_run', action='store_true', help='print the .npz path this command writes, then exit')
     return p
 
 
 def run_name(args, var, schedule, subnet) -> str:
-    stem = Path(args.ckpt).name
-    if var.use_implicit:
-        compute = str(schedule).replace(':', '').replace(',', '-')
-        if args.kv_policy != 'per_iteration' or args.solver != 'picard':
-            compute += f'-{args.kv_policy}-{args.solver}'
-    else:
-        compute = 'full' if subnet is None else f'd{subnet.depth}N{subnet.bridge}-{subnet.selection}'
-    return f'{stem}-cfg{args.cfg:g}-{compute}-seed{args.seed}'
+    """The official run name, plus the knobs it cannot express (utils/official.py)."""
+    extras = official.non_official_knobs(args, var.use_implicit, schedule, subnet)
+    return official.sample_run_name(args.ckpt, var.use_implicit, var.depth, args.cfg, args.seed, extras)
 
 
 def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> dict:
@@ -90,8 +89,9 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
 
 def main(args):
     info = dist.init_distributed(device=args.device)
-    setup_logging(info.rank)
-    if info.is_main:
+    if not args.dry_run:  # a dry run's stdout is the path alone
+        setup_logging(info.rank)
+    if info.is_main and not args.dry_run:
         writable_dir(args.sample_dir, '--sample_dir')
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
     torch.backends.cudnn.allow_tf32 = True
@@ -107,6 +107,11 @@ def main(args):
     root = Path(args.sample_dir)
     out_dir, meta_path, npz_path = root / name, root / f'{name}.json', root / f'{name}.npz'
     knobs = knobs_of(args, var, schedule, subnet, classes, amp_dtype)
+    if args.dry_run:
+        if info.is_main:
+            print(npz_path)
+        dist.destroy()
+        return
     if info.is_main:
         claim_run_dir(out_dir, meta_path, knobs)
         for stale in out_dir.glob('.*.tmp'):  # half-written PNGs of a killed run

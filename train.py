@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
 from models.subnet import SubnetSpec
-from utils import dist
+from utils import dist, official
 from utils.amp import AmpOptimizer
 from utils.checkpoint import load_state_dict_strict, unwrap
 from utils.cli import (ITERS, MAX_DEPTH, MAX_WIDTH, PROBABILITY, ArgumentParser, UserError, finite_float, int_range,
@@ -111,6 +111,7 @@ def get_parser() -> ArgumentParser:
     o.add_argument('--label_smooth', '--ls', type=finite_float(0, 1, hi_open=True), default=0.0)
     add_supernet_flags(p)
     add_run_flags(p, 'ar')
+    official.add_official_train_flags(p)
     return p
 
 
@@ -350,6 +351,8 @@ def main(args):
 
     vae = load_tokenizer(args.vae_ckpt, info.device, args.patch_nums)
     image_size = vae.config.image_size
+    for note in official.apply_official_train_flags(args, image_size, vae.config.patch_nums):
+        log.info(note)
     train_set, val_set = build_datasets(args.data_path, image_size, args.mid_reso, args.hflip, args.skip_bad_images)
     plan = derive_plan(args, info.world_size, len(train_set), info.device.type)
     if plan.precision != args.precision:
@@ -377,7 +380,7 @@ def main(args):
             block.compile()
     groups, counts = param_groups(var)
     optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0,
-                                  fused=info.device.type == 'cuda')
+                                  fused=info.device.type == 'cuda' and args.afuse)
     model = var
     # A subnet step leaves layers outside the subnet unused only without a bridge: with one, they still run on the
     # bridge tokens. Unused parameters then keep no gradient (AdamW skips them), as in a single process.

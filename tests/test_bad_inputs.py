@@ -487,6 +487,8 @@ NUMERIC = [
     (TT, tokenizer_args, '--dead_threshold', 'inf'), (TT, tokenizer_args, '--bs', '0'),
     (E, lambda p, o, *x: eval_args(p, o, p.good, p.good, *x), '--batch-size', '0'),
     (E, lambda p, o, *x: eval_args(p, o, p.good, p.good, *x), '--is-seed', '-1'),
+    (E, lambda p, o, *x: eval_args(p, o, p.good, p.good, *x), '--bootstrap', '1000000000'),
+    (T, train_args, '--pg', 'nan'), (T, train_args, '--pg0', '0'), (T, train_args, '--patch_size', '-16'),
     (D, demo_args, '--seed', '-1'),
     (FM, lambda p, o, *x: fm_args(p, o, p.fm.good, *x), '--per_class', '-1'),
     (FM, lambda p, o, *x: fm_args(p, o, p.fm.good, *x), '--size', '0'),

@@ -24,10 +24,17 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
         assert Image.open(out / picture).size[0] > 0
     results = json.loads((out / 'metrics.json').read_text())
     schedules = list(demo.QUICK.schedules)
-    assert list(results['metrics']) == [demo.RECONSTRUCTION_ROW] + schedules
+    assert list(results['metrics']) == [demo.FLOOR_ROW, demo.RECONSTRUCTION_ROW] + schedules
     for m in results['metrics'].values():
         assert np.isfinite([m['fid'], m['sfid']]).all() and 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
         assert m['inception_score'] is None and 'logits' in m['inception_score_unavailable']
+        assert m['n'] == 40 and m['fid_se'] > 0 and m['sfid_se'] > 0     # 4 images per class in every row
+    # The report's table: the floor row first, 'value ± standard error' cells, FID as a multiple of the floor's.
+    table = [line for line in report.splitlines() if line.startswith('| ')]
+    assert table[0].startswith('| row | N | FID | sFID | precision | recall | FID / floor |')
+    assert table[1].startswith(f'| {demo.FLOOR_ROW} | 40 | ') and '1.00x' in table[1]
+    assert all(line.count(' ± ') == 4 for line in table[1:4])
+    assert '- [' in report and 'FID <= 2.5x the floor' in report
     assert set(results['speed']) == set(schedules) and all(s['images_per_s'] > 0 for s in results['speed'].values())
     assert set(results['times']) >= {'train the tokenizer', 'train VIAR', 'evaluate FID / sFID / precision / recall'}
     grid = Image.open(out / 'samples_grid.png')

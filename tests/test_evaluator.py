@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluator
-from evaluator import cache_path, evaluate, get_parser, load_stats, open_batch, save_stats
+from evaluator import cache_path, evaluate, format_results, get_parser, load_stats, open_batch, save_stats
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 from utils.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
@@ -531,3 +531,22 @@ def test_eigh_method_matches_scipy_on_a_full_rank_and_a_singular_pair():
         a = gaussian_stats(rng.standard_normal((n, 40)))
         b = gaussian_stats(rng.standard_normal((n, 40)) * 1.5 + 0.3)
         assert frechet_distance_eigh(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+
+
+def test_bootstrap_adds_standard_errors_and_keeps_the_numbers(e2e, offline, tmp_path, monkeypatch):
+    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
+    sample = tmp_path / 'sample.npz'
+    sample.write_bytes(e2e['sample'].read_bytes())
+    plain = evaluate(e2e['ref'], sample, network=offline, progress=False)
+    boot = evaluate(e2e['ref'], sample, network=offline, progress=False, resamples=20)
+    assert {k: boot[k] for k in plain} == plain
+    assert boot['fid_se'] > 0 and boot['sfid_se'] > 0
+    for k in ('precision', 'recall'):     # a proportion of 0 or 1 has no spread under resampling
+        assert (boot[k + '_se'] > 0) == (0 < boot[k] < 1)
+    assert load_stats(cache_path(sample, offline.weights_id)).spatial_NS.shape == (E2E_IMAGES, SPATIAL_DIM)
+    lines = format_results(boot)
+    assert lines[1] == f'FID: {boot["fid"]} (bootstrap standard error {boot["fid_se"]:.4g})'
+    stats_file = tmp_path / 'stats.npz'
+    save_stats(load_stats(cache_path(sample, offline.weights_id)), stats_file)
+    with pytest.raises(UserError, match='--bootstrap resamples the sample images'):
+        evaluate(e2e['ref'], stats_file, network=offline, progress=False, resamples=5)

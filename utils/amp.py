@@ -22,8 +22,8 @@ def official_precision(value: str) -> str:
 
 
 def effective_precision(precision: str, device_type: str) -> str:
-    """fp16/bf16 apply on CUDA; everything else trains in fp32."""
-    return precision if device_type == 'cuda' else 'fp32'
+    """fp16/bf16 apply on CUDA; bf16 autocast also on the CPU; everything else trains in fp32."""
+    return precision if device_type == 'cuda' or precision == 'bf16' else 'fp32'
 
 
 class AmpOptimizer:

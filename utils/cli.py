@@ -45,15 +45,21 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(self._official_bools(sys.argv[1:] if args is None else list(args)), namespace)
 
     def _official_bools(self, argv):
-        """Accept the official repos' `--flag=True` / `--flag=False` for BooleanOptionalAction flags."""
+        """Accept the official `--flag=True|False` and `--flag True|False` for BooleanOptionalAction flags; False
+        means false (the official sampling.py's `type=bool` read any non-empty word as true)."""
         flags = {s for a in self._actions if isinstance(a, argparse.BooleanOptionalAction)
                  for s in a.option_strings if not s.startswith('--no-')}
-        out = []
-        for arg in argv:
+        words = TRUE_WORDS | FALSE_WORDS
+        out, rest = [], list(argv)
+        while rest:
+            arg = rest.pop(0)
             name, eq, value = arg.partition('=')
-            if eq and name in flags and value.lower() in TRUE_WORDS | FALSE_WORDS:
-                arg = name if value.lower() in TRUE_WORDS else '--no-' + name[2:]
-            out.append(arg)
+            if name in flags and not eq and rest and rest[0].lower() in words:
+                value = rest.pop(0)
+            elif not (name in flags and eq and value.lower() in words):
+                out.append(arg)
+                continue
+            out.append(name if value.lower() in TRUE_WORDS else '--no-' + name[2:])
         return out
 
 

@@ -147,6 +147,14 @@ def manifold_radii(feats_ND: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = 
 def precision_recall(ref_ND: torch.Tensor, sample_MD: torch.Tensor, k: int = PR_NEIGHBOURS,
                      batch: int = PR_BATCH) -> Tuple[float, float]:
     """Precision: samples inside some reference point's k-NN ball; recall: reference points inside some sample's."""
+    sample_covered, ref_covered = precision_recall_hits(ref_ND, sample_MD, k, batch)
+    return float(sample_covered.double().mean()), float(ref_covered.double().mean())
+
+
+def precision_recall_hits(ref_ND: torch.Tensor, sample_MD: torch.Tensor, k: int = PR_NEIGHBOURS,
+                          batch: int = PR_BATCH) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The points precision and recall count: (samples inside the reference manifold (M,), reference points inside
+    the sample manifold (N,)) as booleans."""
     if len(ref_ND) <= k or len(sample_MD) <= k:
         raise ValueError(f'precision/recall with k={k} needs more than {k} reference and sample images, '
                          f'got {len(ref_ND)} and {len(sample_MD)}')
@@ -159,4 +167,4 @@ def precision_recall(ref_ND: torch.Tensor, sample_MD: torch.Tensor, k: int = PR_
             d_NM = squared_distances(ref_ND[r0:r0 + batch], sample_MD[c0:c0 + batch])
             ref_covered[r0:r0 + batch] |= (d_NM <= sample_radii[None, c0:c0 + batch]).any(dim=1)
             sample_covered[c0:c0 + batch] |= (d_NM <= ref_radii[r0:r0 + batch, None]).any(dim=0)
-    return float(sample_covered.double().mean()), float(ref_covered.double().mean())
+    return sample_covered, ref_covered

@@ -66,7 +66,7 @@ def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, ba
                    help='the peak lr itself, instead of scaling --tblr by the batch (official --tlr)')
     o.add_argument('--weight_decay', '--twd', type=NON_NEGATIVE_FLOAT, default=weight_decay)
     o.add_argument('--weight_decay_end', '--twde', type=NON_NEGATIVE_FLOAT,
-                   help='weight decay at the end of its cosine ramp (default: --twd)')
+                   help='weight decay at the end of its cosine ramp (default, or 0 as in the official: --twd)')
     o.add_argument('--grad_clip', '--tclip', type=NON_NEGATIVE_FLOAT, default=grad_clip,
                    help='max gradient norm (0: no clipping)')
     o.add_argument('--warmup_epochs', '--wp', type=NON_NEGATIVE_FLOAT, default=0.0,
@@ -171,5 +171,5 @@ def derive_plan(args, world: int, num_images: int, device_type: str) -> Plan:
     return Plan(world=world, accum=args.accum, local_batch=local, micro_batch=micro,
                 peak_lr=args.lr if args.lr is not None else args.accum * args.base_lr * micro / IMAGES_PER_BASE_LR,
                 iters_per_epoch=iters, max_iters=args.epochs * iters, warmup_iters=round(warmup_epochs * iters),
-                wd_end=args.weight_decay if args.weight_decay_end is None else args.weight_decay_end,
+                wd_end=args.weight_decay_end or args.weight_decay,  # official: twde = twde or twd
                 precision=effective_precision(args.precision, device_type), workers=min(workers, local))
