@@ -24,8 +24,9 @@ import sampling
 import train
 import train_tokenizer
 from models import num_params
-from utils.cli import ArgumentParser, UserError, main_entry, run, writable_dir
-from utils.fashion_mnist import CLASS_NAMES, prepare
+from utils.cli import SEED, ArgumentParser, UserError, main_entry, run, writable_dir
+from utils.fashion_mnist import CLASS_NAMES, DONE_FILE, prepare
+from utils.fileio import copy_atomic, read_json_object, write_json_atomic, write_text_atomic
 from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
 from utils.loading import load_models, load_vae
 from utils.log import setup_logging
@@ -80,7 +81,7 @@ def get_parser() -> ArgumentParser:
     p.add_argument('--out', default=None, help='output folder (default local_output/demo or local_output/demo-quick)')
     p.add_argument('--data', default=None, help='ImageFolder root to create (default data/fashion_mnist_demo[_quick])')
     p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=SEED, default=0)
     return p
 
 
@@ -287,7 +288,7 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
               '## Wall times', '', '| stage | seconds |', '|---|---|']
     lines += [f'| {name} | {sec:.0f} |' for name, sec in times.items()]
     lines += [f'| **total** | **{total:.0f}** |', '']
-    (out / 'report.md').write_text('\n'.join(lines))
+    write_text_atomic(out / 'report.md', '\n'.join(lines) + '\n')
 
 
 def main(args):
@@ -301,7 +302,7 @@ def main(args):
 
     root = stages.run('prepare Fashion-MNIST', prepare, data, size=IMAGE_SIZE, raw_dir=args.raw_dir,
                       per_class=plan.train_per_class, val_per_class=plan.val_per_class)
-    data_counts = json.loads((root / 'prepared.json').read_text())['counts']
+    data_counts = read_json_object(root / DONE_FILE).get('counts', {})
 
     tok_dir, model_dir = out / 'tokenizer', out / 'viar'
     vae_ckpt = stages.run('train the tokenizer', train_tokenizer_stage, root, tok_dir, plan, args.seed, args.quick)
@@ -312,11 +313,11 @@ def main(args):
     stages.run('sample the grid and trace the implicit layer', call_cli, gen_img, sample_args(
         ckpt, vae_ckpt, plan, plan.schedules[0]) + ['--classes', '0-9', '--seeds', f'0-{plan.grid_seeds - 1}',
                                                    '--save_grid', '--out_dir', str(grid_dir)], 'grid sampling')
-    (out / 'samples_grid.png').write_bytes((grid_dir / 'grid.png').read_bytes())
+    copy_atomic(grid_dir / 'grid.png', out / 'samples_grid.png')
     trace_dir = out / 'trace'
     call_cli(gen_img, sample_args(ckpt, vae_ckpt, plan, 'const:10') + [
         '--classes', '0-9', '--seeds', '0', '--trace', '--out_dir', str(trace_dir)], 'convergence trace')
-    (out / 'convergence.png').write_bytes((trace_dir / 'trace.png').read_bytes())
+    copy_atomic(trace_dir / 'trace.png', out / 'convergence.png')
 
     npzs = stages.run('sample images for the metrics', lambda: {
         s: sample_set(ckpt, vae_ckpt, plan, s, out / 'samples', args.seed) for s in plan.schedules})
@@ -332,8 +333,8 @@ def main(args):
     plot_training_curves(tok_dir / 'log.txt', model_dir / 'log.txt', out / 'loss_curves.png')
     vae, var = load_models(ckpt, vae_ckpt)
     params = {'tokenizer': num_params(vae), 'model': num_params(var)}
-    (out / 'metrics.json').write_text(json.dumps({'metrics': metrics, 'speed': speed, 'times': stages.times,
-                                                  'params': params, 'plan': asdict(plan)}, indent=1))
+    write_json_atomic(out / 'metrics.json', {'metrics': metrics, 'speed': speed, 'times': stages.times,
+                                             'params': params, 'plan': asdict(plan)})
     write_report(out, plan, args.quick, stages.times, metrics, speed, params, data_counts, started)
     log.info(f'[demo] finished in {(time.time() - started) / 60:.1f} min: {out / "report.md"}, '
              f'{out / "samples_grid.png"}, {out / "loss_curves.png"}, {out / "convergence.png"}')

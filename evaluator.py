@@ -16,7 +16,6 @@ is newer than the batch. Numerics follow REFERENCE.md §5.3; see utils/inception
 """
 import argparse
 import logging
-import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,8 +28,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from utils.checkpoint import PathLike, temp_name
-from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.checkpoint import PathLike
+from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
+from utils.fileio import atomic_write
 from utils.images import to_rgb
 from utils.inception import BACKENDS, DEFAULT_BACKEND, POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
@@ -41,6 +41,7 @@ from utils.uncertainty import standard_errors
 log = logging.getLogger('viar')
 
 DEFAULT_BATCH_SIZE = 64                      # ADM's activation batch
+MAX_BOOTSTRAP = 10_000                       # --bootstrap resamples (a few hundred give stable standard errors)
 IMAGES_KEY = 'arr_0'
 POOL_KEY = 'pool'                            # stats files: float32 pool_3 activations (N, 2048)
 SPATIAL_KEY = 'spatial'                      # stats files, optional: float32 mixed_6/conv activations (N, 2023)
@@ -49,6 +50,7 @@ STAT_SHAPES = {'mu': (POOL_DIM,), 'sigma': (POOL_DIM, POOL_DIM), 'mu_s': (SPATIA
                'sigma_s': (SPATIAL_DIM, SPATIAL_DIM)}
 CACHE_SUFFIX = '.stats.npz'
 WEIGHTS_TAG_CHARS = 8                        # hex digits of the weights hash in a cache file name
+COV_TOLERANCE = 1e-4                       # stored covariances: relative asymmetry / negative eigenvalue allowed
 RESULT_NAMES = (('inception_score', 'Inception Score'), ('fid', 'FID'), ('sfid', 'sFID'),
                 ('precision', 'Precision'), ('recall', 'Recall'))
 
@@ -206,7 +208,27 @@ def _load_stored_stats(path: Path, headers: Dict[str, Tuple[Tuple[int, ...], np.
         if tuple(got_shape) != shape or dtype.kind != 'f':
             raise UserError(f'{path}: {key} must be a float array of shape {shape}, found {dtype} {tuple(got_shape)}')
     with np.load(path, allow_pickle=False) as npz:
-        return (GaussianStats(npz['mu'], npz['sigma']), GaussianStats(npz['mu_s'], npz['sigma_s']))
+        arrays = {key: npz[key] for key in STAT_SHAPES}
+    for key, value in arrays.items():
+        if not np.isfinite(value).all():
+            raise UserError(f'{path}: {key} holds NaN/Inf values')
+    for key in ('sigma', 'sigma_s'):
+        check_covariance(arrays[key], f'{path}: {key}')
+    return (GaussianStats(arrays['mu'], arrays['sigma']), GaussianStats(arrays['mu_s'], arrays['sigma_s']))
+
+
+def check_covariance(sigma: np.ndarray, what: str):
+    """A covariance must be symmetric positive semi-definite (up to rounding); otherwise FID is meaningless and can
+    even come out negative."""
+    sigma = sigma.astype(np.float64)
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    asym = float(np.abs(sigma - sigma.T).max()) / scale
+    if asym > COV_TOLERANCE:
+        raise UserError(f'{what} is not symmetric (relative asymmetry {asym:.2g}): not a covariance matrix')
+    try:  # Cholesky succeeds exactly when no eigenvalue is below -COV_TOLERANCE x scale (a third of eigh's cost)
+        np.linalg.cholesky((sigma + sigma.T) / 2 + np.eye(len(sigma)) * (COV_TOLERANCE * scale))
+    except np.linalg.LinAlgError:
+        raise UserError(f'{what} is not positive semi-definite: not a covariance matrix') from None
 
 
 def open_batch(path: PathLike) -> Batch:
@@ -242,20 +264,12 @@ class BatchStats:
 
 
 def save_stats(stats: BatchStats, path: PathLike):
-    """Write a stats .npz atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, 'wb') as f:
-            spatial = {} if stats.spatial_NS is None else {SPATIAL_KEY: stats.spatial_NS}
-            np.savez(f, **{POOL_KEY: stats.pool_ND, 'mu': stats.fid.mu, 'sigma': stats.fid.sigma,
-                           'mu_s': stats.sfid.mu, 'sigma_s': stats.sfid.sigma, WEIGHTS_KEY: np.array(stats.weights_id)},
-                     **spatial)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a stats .npz through `atomic_write`."""
+    spatial = {} if stats.spatial_NS is None else {SPATIAL_KEY: stats.spatial_NS}
+    with atomic_write(path) as f:
+        np.savez(f, **{POOL_KEY: stats.pool_ND, 'mu': stats.fid.mu, 'sigma': stats.fid.sigma,
+                       'mu_s': stats.sfid.mu, 'sigma_s': stats.sfid.sigma, WEIGHTS_KEY: np.array(stats.weights_id)},
+                 **spatial)
 
 
 def load_stats(path: Path) -> BatchStats:
@@ -499,7 +513,7 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--save-stats', metavar='OUT.npz',
                         help='write the stats (pool_3 activations, mu, sigma, mu_s, sigma_s) of one batch and exit')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE, help='images per Inception forward')
+    parser.add_argument('--batch-size', type=POSITIVE, default=DEFAULT_BATCH_SIZE, help='images per Inception forward')
     parser.add_argument('--inception', metavar='PATH',
                         help='pytorch-fid / torch-fidelity weights (pt_inception-2015-12-05-6726825d.pth), which '
                              'include the logits for IS; default: the offline TorchScript weights of '
@@ -510,7 +524,7 @@ def get_parser() -> ArgumentParser:
                              'Features agree within 1e-5 relative, so all share the activation cache')
     parser.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
                         help='reuse/write activations beside each image batch (<batch>.<weights>.stats.npz)')
-    parser.add_argument('--is-seed', type=int, default=0,
+    parser.add_argument('--is-seed', type=SEED, default=0,
                         help='seed of the shuffle before the IS splits (VIAR\'s evaluator shuffles unseeded)')
     parser.add_argument('--is-shuffle', action=argparse.BooleanOptionalAction, default=True,
                         help='shuffle samples before the 5000-image IS splits (VIAR); --no-is-shuffle: ADM order')
@@ -518,7 +532,7 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--fid-method', choices=sorted(FRECHET_METHODS), default='scipy',
                         help="scipy: ADM's sqrtm; eigh: the same trace through symmetric eigendecompositions, exact "
                              "in real arithmetic and 10-20x faster on a CPU")
-    parser.add_argument('--bootstrap', type=int, default=0, metavar='N',
+    parser.add_argument('--bootstrap', type=int_range(0, MAX_BOOTSTRAP), default=0, metavar='N',
                         help='also report bootstrap standard errors of FID, sFID, precision and recall from N '
                              'resamples of the sample batch (0: off; 100 is plenty)')
     return parser

@@ -23,11 +23,12 @@ from torchvision.utils import make_grid
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, make_edit_spec
 from utils import official
-from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.cli import (MAX_SEED, NON_NEGATIVE, POSITIVE, ArgumentParser, UserError, int_range, main_entry,
+                       refuse_overwriting_inputs, writable_dir)
 from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
-from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
+from utils.sample_args import (MAX_IDS, add_model_args, add_sampling_args, autocast_dtype, load_from_args,
                                parse_classes, parse_ids, resolve_device, sampling_mode, schedule_from_args,
                                subnet_from_args, trunk_step_from_args)
 
@@ -46,15 +47,16 @@ def get_parser() -> ArgumentParser:
     g = p.add_argument_group('what to generate')
     g.add_argument('--classes', '--class_label', default='970', help="class ids, e.g. '970' or '1,207,360'")
     g.add_argument('--seeds', nargs='+', default=['10-19'], help="seeds per class: '10 11 12', '10-19' or '0,5'")
-    g.add_argument('--batch_size', type=int, default=16, help='images per forward pass')
+    g.add_argument('--batch_size', type=POSITIVE, default=16, help='images per forward pass')
     g.add_argument('--output_dir', default=None, help='official layout: write into OUTPUT_DIR/<checkpoint file name '
                    f'without .pth>/ (default {official.OFFICIAL_GEN_DIR})')
     g.add_argument('--out_dir', default=None, help='write straight into OUT_DIR, the grid as grid.png')
     g.add_argument('--save_grid', action='store_true',
                    help='also write a grid (official name, e.g. class970_seeds10_11_12_grid.png; with --out_dir '
                         'grid.png)')
-    g.add_argument('--nrow', type=int, default=0,
-                   help=f'grid columns (0: one row per class; {official.OFFICIAL_NROW}, as the official, for one class)')
+    g.add_argument('--nrow', type=NON_NEGATIVE, default=0,
+                   help=f'grid columns (0: one row per class; {official.OFFICIAL_NROW}, as the official, for one '
+                        f'class)')
     g.add_argument('--trace', action='store_true',
                    help='write trace.json and trace.png: fixed-point residual and cosine per scale and iteration')
     e = p.add_argument_group('zero-shot editing')
@@ -63,7 +65,7 @@ def get_parser() -> ArgumentParser:
     e.add_argument('--mask', default=None, help='mask image instead of --box: white = region to regenerate')
     e.add_argument('--edit_mode', default='inpaint', choices=EDIT_MODES,
                    help='inpaint: regenerate the region; outpaint: keep the region, regenerate the rest')
-    e.add_argument('--edit_class', type=int, default=-1,
+    e.add_argument('--edit_class', type=int_range(-1), default=-1,
                    help='class for the generated part (-1: unconditional in-painting; CFG is then inert)')
     return p
 
@@ -129,9 +131,6 @@ def generate(args, var, schedule, solver, subnet, amp_dtype, device, labels: Lis
 
 def main(args):
     setup_logging(0)
-    if args.batch_size <= 0:
-        raise UserError(f'--batch_size must be positive, got {args.batch_size}')
-    check_knobs(args)
     if args.out_dir is not None and args.output_dir is not None:
         raise UserError('give --out_dir (files straight in it) or --output_dir (a subfolder per checkpoint), not both')
     if args.ckpt is None:
@@ -144,8 +143,22 @@ def main(args):
     schedule = schedule_from_args(args, var)
     solver = make_solver(args.solver)
     subnet = subnet_from_args(args, var)
-    seeds = [s for spec in args.seeds for s in parse_ids(spec, 'seeds')]
+    seeds = [s for spec in args.seeds for s in parse_ids(spec, 'seeds', 0, MAX_SEED)]
+    if len(seeds) > MAX_IDS:
+        raise UserError(f'--seeds selects {len(seeds)} seeds, more than the limit of {MAX_IDS} per run')
     trace = {} if args.trace else None
+    if args.edit_image is not None:
+        if not 0 <= args.edit_class < var.num_classes and args.edit_class != -1:
+            raise UserError(f'--edit_class must be -1 or in 0..{var.num_classes - 1}, got {args.edit_class}')
+        classes, prefix = [args.edit_class if args.edit_class >= 0 else var.num_classes], 'edit'
+    else:
+        classes, prefix = parse_classes(args.classes, var.num_classes), 'class'
+    grid_name = 'grid.png' if args.out_dir is not None else official.grid_name(prefix, classes, seeds)
+    outputs = [out_dir / f'{prefix}{c}_seed{s}.png' for c in classes for s in seeds]
+    outputs += [out_dir / name for name in ('source.png', 'source_kept.png', grid_name, 'trace.json', 'trace.png')]
+    refuse_overwriting_inputs({'--edit_image': args.edit_image, '--mask': args.mask, '--ckpt': args.ckpt,
+                               '--vae_ckpt': args.vae_ckpt}, outputs,
+                              '--out_dir' if args.out_dir is not None else '--output_dir')
 
     edit = None
     if args.edit_image is not None:
@@ -156,14 +169,9 @@ def main(args):
         with torch.inference_mode():
             gt = vae.img_to_idxBl(src)
         edit = make_edit_spec(gt, keep.unsqueeze(0).to(device), var.patch_nums)
-        if not 0 <= args.edit_class < var.num_classes and args.edit_class != -1:
-            raise UserError(f'--edit_class must be -1 or in 0..{var.num_classes - 1}, got {args.edit_class}')
-        classes = [args.edit_class if args.edit_class >= 0 else var.num_classes]
         save_png_atomic(to_uint8_hwc(src.add(1).mul(0.5))[0], out_dir / 'source.png')
         shown = src.add(1).mul(0.5) * F.interpolate(keep[None, None].to(device), size=(size, size), mode='nearest')
         save_png_atomic(to_uint8_hwc(shown)[0], out_dir / 'source_kept.png')
-    else:
-        classes = parse_classes(args.classes, var.num_classes)
 
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]
@@ -171,7 +179,6 @@ def main(args):
              f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, precision {amp_dtype}')
     images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
                       trace=trace)
-    prefix = 'edit' if edit is not None else 'class'
     for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):
         save_png_atomic(arr, out_dir / f'{prefix}{c}_seed{s}.png')
     if args.save_grid and len(images) < 2:
@@ -179,8 +186,7 @@ def main(args):
     elif args.save_grid:
         nrow = args.nrow or (len(seeds) if len(classes) > 1 else official.OFFICIAL_NROW)
         grid = make_grid(images, nrow=nrow, padding=GRID_PAD, pad_value=GRID_PAD_VALUE)
-        name = 'grid.png' if args.out_dir is not None else official.grid_name(prefix, classes, seeds)
-        save_png_atomic(to_uint8_hwc(grid.unsqueeze(0))[0], out_dir / name)
+        save_png_atomic(to_uint8_hwc(grid.unsqueeze(0))[0], out_dir / grid_name)
     if trace is not None:
         if not var.use_implicit:
             log.info('--trace: an explicit VAR has no fixed-point iterations to trace')

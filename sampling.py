@@ -9,7 +9,6 @@ result does not depend on the number of processes or on interruptions. Beside th
 (`--ckpt_path ... --depth 30 --use_implicit True --iter_left 10 --iter_right 10`) and writes the official
 `samples/implicit-viar.pth-cfg-1.5-seed-1{/,.npz}`; utils/official.py has the naming rule.
 """
-import json
 import logging
 import math
 import os
@@ -22,15 +21,16 @@ from tqdm import tqdm
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from utils import dist, official
-from utils.cli import ArgumentParser, UserError, main_entry, writable_dir
+from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
+from utils.fileio import read_json_object, write_json_atomic
 from utils.hub import is_hub_reference
 from utils.images import load_png_rgb, save_png_atomic, to_uint8_hwc, write_npz_stream
 from utils.log import setup_logging
-from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, check_knobs, load_from_args,
-                               parse_classes, sampling_mode, schedule_from_args, subnet_from_args,
-                               trunk_step_from_args)
+from utils.sample_args import (add_model_args, add_sampling_args, autocast_dtype, load_from_args, parse_classes,
+                               sampling_mode, schedule_from_args, subnet_from_args, trunk_step_from_args)
 
 log = logging.getLogger('viar')
+MAX_PER_CLASS = 100_000  # images per class (ADM's FID protocol uses 50)
 
 
 def get_parser() -> ArgumentParser:
@@ -38,10 +38,10 @@ def get_parser() -> ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     g = p.add_argument_group('output')
-    g.add_argument('--per_class', type=int, default=50, help='images per class')
+    g.add_argument('--per_class', type=int_range(1, MAX_PER_CLASS), default=50, help='images per class')
     g.add_argument('--classes', default='all', help="'all', a range '0-99' or a list '1,5,9'")
-    g.add_argument('--batch_size', type=int, default=25, help='images per forward pass (per process)')
-    g.add_argument('--seed', type=int, default=1, help='global seed; image i uses a seed derived from it and i')
+    g.add_argument('--batch_size', type=POSITIVE, default=25, help='images per forward pass (per process)')
+    g.add_argument('--seed', type=SEED, default=1, help='global seed; image i uses a seed derived from it and i')
     g.add_argument('--sample_dir', default='samples', help='parent folder of the run folder, .npz and .json')
     g.add_argument('--name', default=None, help='run name (default: the official name, e.g. '
                    'implicit-viar.pth-cfg-1.5-seed-1, plus the knobs it cannot express; see utils/official.py)')
@@ -82,8 +82,11 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
     """Create the run folder, or check that an existing one was made with the same knobs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        diff = sorted(k for k in knobs if old.get('knobs', {}).get(k) != knobs[k])
+        old = read_json_object(meta_path).get('knobs')
+        if not isinstance(old, dict):
+            raise UserError(f'{meta_path}: holds no knobs object (not written by sampling.py?); pass another --name '
+                            f'or remove it')
+        diff = sorted(k for k in knobs if old.get(k) != knobs[k])
         if diff:
             raise UserError(f'{out_dir} holds samples made with other settings ({", ".join(diff)}); '
                             f'pass another --name or remove the folder')
@@ -91,19 +94,10 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
         write_json_atomic(meta_path, {'knobs': knobs})
 
 
-def write_json_atomic(path: Path, obj: dict):
-    tmp = path.with_name(f'.{path.name}.tmp')
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def main(args):
     info = dist.init_distributed(device=args.device)
     if not args.dry_run:  # a dry run's stdout is the path alone
         setup_logging(info.rank)
-    if args.per_class <= 0 or args.batch_size <= 0:
-        raise UserError(f'--per_class and --batch_size must be positive, got {args.per_class} and {args.batch_size}')
-    check_knobs(args)
     if info.is_main and not args.dry_run:
         writable_dir(args.sample_dir, '--sample_dir')
     torch.backends.cuda.matmul.allow_tf32 = True  # as the official sampler
@@ -144,7 +138,7 @@ def main(args):
              f'{knobs["dtype"]}')
     t0 = time.time()
     done = 0
-    for b in tqdm(mine, disable=not info.is_main, desc='sampling', unit='batch'):
+    for b in tqdm(mine, disable=None if info.is_main else True, desc='sampling', unit='batch'):  # None: a TTY only
         idx = list(range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))
         labels = torch.tensor([classes[i // args.per_class] for i in idx], device=device)
         with sampling_mode(device, amp_dtype):
@@ -172,7 +166,8 @@ def pack_npz(out_dir: Path, npz_path: Path, total: int, image_size: int):
     missing = [i for i in range(total) if not (out_dir / f'{i:06d}.png').exists()]
     if missing:
         raise UserError(f'{len(missing)} images missing in {out_dir} (first: {missing[0]:06d}.png); re-run to finish')
-    rows = (load_png_rgb(out_dir / f'{i:06d}.png') for i in tqdm(range(total), desc='packing npz', unit='img'))
+    rows = (load_png_rgb(out_dir / f'{i:06d}.png') for i in tqdm(range(total), desc='packing npz', unit='img',
+                                                                           disable=None))
     write_npz_stream(npz_path, rows, total, (image_size, image_size, 3))
 
 

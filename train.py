@@ -20,7 +20,8 @@ from models.subnet import SubnetSpec
 from utils import dist, official
 from utils.amp import AmpOptimizer
 from utils.checkpoint import load_state_dict_strict, unwrap
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.cli import (ITERS, MAX_DEPTH, MAX_WIDTH, PROBABILITY, ArgumentParser, UserError, finite_float, int_range,
+                       main_entry)
 from utils.data import build_datasets, build_loaders, build_token_cache
 from utils.loading import KIND_VAR, load_vae, model_checkpoint, read_var
 from utils.log import MetricWriter, setup_logging
@@ -74,36 +75,40 @@ def get_parser() -> ArgumentParser:
                    help='start from these weights (fresh optimizer, iteration 0): a train.py checkpoint, an exported '
                         'or released state dict (e.g. var_d30.pth) or an official training checkpoint; fixes the '
                         'architecture. A resumable checkpoint in --out_dir takes precedence')
-    m.add_argument('--depth', type=int, help=f'width 64 x depth, heads = depth (default {DEFAULT_DEPTH})')
-    m.add_argument('--embed_dim', type=int, help='width (default 64 x depth)')
-    m.add_argument('--num_heads', type=int, help='attention heads (default depth)')
-    m.add_argument('--drop_path_rate', type=float, help='stochastic depth (default 0.1 x depth / 24)')
+    m.add_argument('--depth', type=int_range(1, MAX_DEPTH),
+                   help=f'width 64 x depth, heads = depth (default {DEFAULT_DEPTH})')
+    m.add_argument('--embed_dim', type=int_range(1, MAX_WIDTH), help='width (default 64 x depth)')
+    m.add_argument('--num_heads', type=int_range(1, MAX_WIDTH), help='attention heads (default depth)')
+    m.add_argument('--drop_path_rate', type=finite_float(0, 1, hi_open=True),
+                   help='stochastic depth (default 0.1 x depth / 24)')
     m.add_argument('--use_implicit', action=bool_flag, help='VIAR: pre-blocks, a weight-tied implicit block, '
                                                             'post-blocks')
-    m.add_argument('--pre_depth', type=int, help='VIAR explicit blocks before the implicit block (default 5)')
-    m.add_argument('--post_depth', type=int, help='VIAR explicit blocks after it (default 5)')
-    m.add_argument('--p_depth', type=int, help='official spelling: sets both --pre_depth and --post_depth')
-    m.add_argument('--no_grad_iters', type=int, nargs=2, metavar=('MIN', 'MAX'),
+    m.add_argument('--pre_depth', type=int_range(0, MAX_DEPTH),
+                   help='VIAR explicit blocks before the implicit block (default 5)')
+    m.add_argument('--post_depth', type=int_range(0, MAX_DEPTH), help='VIAR explicit blocks after it (default 5)')
+    m.add_argument('--p_depth', type=int_range(0, MAX_DEPTH),
+                   help='official spelling: sets both --pre_depth and --post_depth')
+    m.add_argument('--no_grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
                    help='S-JFB: inclusive range of implicit iterations run under no_grad (default 0 10)')
-    m.add_argument('--grad_iters', type=int, nargs=2, metavar=('MIN', 'MAX'),
+    m.add_argument('--grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
                    help='S-JFB: inclusive range of iterations backpropagated through (default 1 12)')
-    m.add_argument('--eval_iters', type=int, help='implicit iterations of the validation forward (default 10)')
+    m.add_argument('--eval_iters', type=ITERS, help='implicit iterations of the validation forward (default 10)')
     m.add_argument('--sjfb_shared_draws', action=bool_flag, default=False,
                    help='draw the same S-JFB counts on every rank, so no rank waits for a deeper draw '
                         '(default: independent per-rank draws, as the official code)')
-    m.add_argument('--init_adaln_gamma', '--alng', type=float, help='AdaLN gamma init (default 1e-5; presets: '
+    m.add_argument('--init_adaln_gamma', '--alng', type=finite_float(), help='AdaLN gamma init (default 1e-5; presets: '
                                                                     'per depth)')
-    m.add_argument('--init_adaln', '--aln', type=float, help='AdaLN scale/shift init (default 0.5)')
-    m.add_argument('--init_head', '--hd', type=float, help='head init scale (default 0.02)')
-    m.add_argument('--init_std', '--ini', type=float, help='weight init std (default -1: sqrt(1 / 3C))')
+    m.add_argument('--init_adaln', '--aln', type=finite_float(), help='AdaLN scale/shift init (default 0.5)')
+    m.add_argument('--init_head', '--hd', type=finite_float(), help='head init scale (default 0.02)')
+    m.add_argument('--init_std', '--ini', type=finite_float(), help='weight init std (default -1: sqrt(1 / 3C))')
     m.add_argument('--shared_aln', '--saln', action=bool_flag, help='one AdaLN projection shared by all blocks')
     m.add_argument('--attn_l2_norm', '--anorm', action=bool_flag, help='l2-normalised q/k attention (default on)')
-    m.add_argument('--cond_drop_rate', type=float, help='class-label dropout for guidance (default 0.1)')
+    m.add_argument('--cond_drop_rate', type=PROBABILITY, help='class-label dropout for guidance (default 0.1)')
     m.add_argument('--compile', action=bool_flag, default=False, help='torch.compile every transformer block')
 
     o = add_optim_flags(p, batch_size=768, epochs=250, base_lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
                         schedule='lin0', lr_end=0.01, grad_clip=2.0)
-    o.add_argument('--label_smooth', '--ls', type=float, default=0.0)
+    o.add_argument('--label_smooth', '--ls', type=finite_float(0, 1, hi_open=True), default=0.0)
     add_supernet_flags(p)
     add_run_flags(p, 'ar')
     official.add_official_train_flags(p)
@@ -171,6 +176,7 @@ class ARTrainer:
     """A VAR/VIAR (possibly DDP-wrapped), its frozen tokenizer and the optimizer; `step` trains one micro-batch.
     With a `supernet`, each optimizer step trains the full model or the subnet (VARiant)."""
 
+    ckpt_kind = KIND_VAR
     val_score = 'L_tail'  # the official trainer keeps the checkpoint with the best last-scale validation loss
 
     def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float,

@@ -23,10 +23,11 @@ from models.lpips import LPIPS, lpips_heads_state, vgg_features_state
 from models.quantizer import USAGE_MARGIN, MultiScaleQuantizer
 from utils import dist
 from utils.amp import AmpOptimizer
-from utils.checkpoint import load_file, load_state_dict_strict, unwrap
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.checkpoint import load_file, load_state_dict_strict, strip_wrapper_prefixes, unwrap
+from utils.cli import (MAX_DEPTH, MAX_VOCAB, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_FLOAT, ArgumentParser, UserError,
+                       finite_float, int_range, main_entry, one_line)
 from utils.data import build_datasets, build_loaders
-from utils.loading import KIND_VQVAE, model_checkpoint
+from utils.loading import KIND_VQVAE, config_from, model_checkpoint, split_checkpoint
 from utils.log import MetricWriter, setup_logging
 from utils.lr_sched import Schedule, param_groups
 from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
@@ -40,6 +41,7 @@ log = logging.getLogger('viar')
 ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'patch_nums', 'beta',
               'share_quant_resi', 'quant_resi')
 PSNR_RANGE = 2.0  # images live in [-1, 1]
+MAX_DISC_LAYERS = 8
 
 
 def get_parser() -> ArgumentParser:
@@ -49,35 +51,41 @@ def get_parser() -> ArgumentParser:
     m.add_argument('--preset', choices=sorted(VQVAE_PRESETS), default='vae-ch160v4096z32')
     m.add_argument('--init_from', metavar='CKPT', help='start from these tokenizer weights (e.g. the released '
                                                        'vae_ch160v4096z32.pth); fixes the architecture')
-    m.add_argument('--vocab_size', type=int, help='codebook size')
-    m.add_argument('--z_channels', type=int, help='latent channels (Cvae)')
-    m.add_argument('--ch', type=int, help='base width of encoder and decoder')
-    m.add_argument('--ch_mult', type=int, nargs='+', help='width multiplier per level (levels - 1 = log2 downsample)')
-    m.add_argument('--num_res_blocks', type=int)
+    m.add_argument('--vocab_size', type=int_range(2, MAX_VOCAB), help='codebook size')
+    m.add_argument('--z_channels', type=int_range(1, MAX_WIDTH), help='latent channels (Cvae)')
+    m.add_argument('--ch', type=int_range(1, MAX_WIDTH), help='base width of encoder and decoder')
+    m.add_argument('--ch_mult', type=int_range(1, MAX_WIDTH), nargs='+',
+                   help='width multiplier per level (levels - 1 = log2 downsample)')
+    m.add_argument('--num_res_blocks', type=int_range(1, MAX_DEPTH))
     m.add_argument('--patch_nums', '--pn', type=patch_nums_arg,
                    help="token-map sides, coarse to fine (1_2_3_4_6_8; '256' = the released scales); with "
                         '--init_from, the scales of a bare state dict')
-    m.add_argument('--beta', type=float, help='commitment weight (default 0.25)')
-    m.add_argument('--share_quant_resi', type=int, help='number of Phi convs shared over the scales (default 4)')
-    m.add_argument('--quant_resi', type=float, help='Phi residual ratio (default 0.5)')
-    m.add_argument('--vocab_init', type=float, default=-1.0,
+    m.add_argument('--beta', type=NON_NEGATIVE_FLOAT, help='commitment weight (default 0.25)')
+    m.add_argument('--share_quant_resi', type=int_range(0, MAX_DEPTH),
+                   help='number of Phi convs shared over the scales (default 4)')
+    m.add_argument('--quant_resi', type=finite_float(-1, 1), help='Phi residual ratio (default 0.5)')
+    m.add_argument('--vocab_init', type=finite_float(), default=-1.0,
                    help='codebook init: <0 uniform(+-|v|/V), >0 trunc-normal std v, 0 PyTorch default')
 
     lo = p.add_argument_group('losses and codes')
-    lo.add_argument('--l2_weight', type=float, default=1.0, help='L2 reconstruction weight')
-    lo.add_argument('--l1_weight', type=float, default=0.0, help='L1 reconstruction weight')
+    lo.add_argument('--l2_weight', type=NON_NEGATIVE_FLOAT, default=1.0, help='L2 reconstruction weight')
+    lo.add_argument('--l1_weight', type=NON_NEGATIVE_FLOAT, default=0.0, help='L1 reconstruction weight')
     lo.add_argument('--lpips_weights', metavar='PATH', help="perceptual term: torchvision's ImageNet VGG16 weights "
                                                             '(vgg16-397923af.pth); off when not given')
     lo.add_argument('--lpips_heads', metavar='PATH', help="LPIPS v0.1 linear heads (the lpips package's vgg.pth); "
                                                           'without them all channels weigh the same')
-    lo.add_argument('--lpips_weight', type=float, default=1.0, help='weight of the perceptual term')
-    lo.add_argument('--gan_weight', type=float, default=0.0, help='weight of the PatchGAN hinge term (0: no GAN)')
-    lo.add_argument('--disc_start', type=int, default=0, help='iteration from which the GAN terms are on')
-    lo.add_argument('--disc_width', type=int, default=64, help='discriminator base width')
-    lo.add_argument('--disc_layers', type=int, default=3, help='stride-2 layers of the discriminator')
-    lo.add_argument('--disc_lr_mult', type=float, default=1.0, help="discriminator lr = this x the tokenizer's")
-    lo.add_argument('--restart_every', type=int, default=200, help='check for dead codes every N iterations (0: off)')
-    lo.add_argument('--dead_threshold', type=float, default=0.03,
+    lo.add_argument('--lpips_weight', type=NON_NEGATIVE_FLOAT, default=1.0, help='weight of the perceptual term')
+    lo.add_argument('--gan_weight', type=NON_NEGATIVE_FLOAT, default=0.0,
+                    help='weight of the PatchGAN hinge term (0: no GAN)')
+    lo.add_argument('--disc_start', type=NON_NEGATIVE, default=0, help='iteration from which the GAN terms are on')
+    lo.add_argument('--disc_width', type=int_range(1, MAX_WIDTH), default=64, help='discriminator base width')
+    lo.add_argument('--disc_layers', type=int_range(1, MAX_DISC_LAYERS), default=3,
+                    help='stride-2 layers of the discriminator')
+    lo.add_argument('--disc_lr_mult', type=NON_NEGATIVE_FLOAT, default=1.0,
+                    help="discriminator lr = this x the tokenizer's")
+    lo.add_argument('--restart_every', type=NON_NEGATIVE, default=200,
+                    help='check for dead codes every N iterations (0: off)')
+    lo.add_argument('--dead_threshold', type=NON_NEGATIVE_FLOAT, default=0.03,
                     help='a code is dead when its hit rate (EMA, all scales) is below this fraction of a uniform share')
 
     add_optim_flags(p, batch_size=256, epochs=100, base_lr=1e-4, weight_decay=0.0, betas=(0.5, 0.9),
@@ -95,14 +103,14 @@ def tokenizer_config(args) -> Tuple[VQVAEConfig, Optional[Dict[str, torch.Tensor
             raise UserError(f'--init_from fixes the architecture; drop {", ".join("--" + k for k in fixed)}')
         if not Path(args.init_from).is_file():
             raise UserError(f'--init_from {args.init_from}: file not found')
-        obj = load_file(args.init_from)
-        if isinstance(obj, dict) and obj.get('kind') == KIND_VQVAE:
-            config, weights = VQVAEConfig.from_dict(obj['config']), obj['model']
+        weights, stored, _ = split_checkpoint(load_file(args.init_from), KIND_VQVAE, Path(args.init_from))
+        if stored is not None:
+            config = config_from(VQVAEConfig, stored, args.init_from)
         else:
             try:
-                config, weights = VQVAEConfig.from_state_dict(obj, patch_nums=args.patch_nums), obj
-            except ValueError as e:
-                raise UserError(f'--init_from {args.init_from}: {e} (--pn)') from None
+                config = VQVAEConfig.from_state_dict(strip_wrapper_prefixes(weights), patch_nums=args.patch_nums)
+            except (ValueError, KeyError) as e:
+                raise UserError(f'--init_from {args.init_from}: {one_line(e)} (--pn)') from None
         if args.patch_nums is not None and tuple(args.patch_nums) != tuple(config.patch_nums):
             raise UserError(f'--pn {args.patch_nums} does not match the scales {config.patch_nums} of --init_from')
         return config, weights
@@ -154,6 +162,7 @@ class LossWeights:
 class TokenizerTrainer:
     """The tokenizer (possibly DDP-wrapped) with its optimizer, and optionally LPIPS and a discriminator."""
 
+    ckpt_kind = KIND_VQVAE
     val_score = 'rec_l2'
     tokens_per_image = None
 
@@ -316,8 +325,6 @@ def main(args):
     setup_logging(info.rank, out_dir / 'stdout.txt')
     log.info('command: %s', ' '.join(sys.argv))
     check_flags(args)
-    if args.restart_every < 0 or args.disc_start < 0:
-        raise UserError('--restart_every and --disc_start must be >= 0')
     configure_backends(args.tf32, info.device)
 
     config, init_weights = tokenizer_config(args)

@@ -14,6 +14,7 @@ from bench.efficiency import machine, machine_line
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import ConstantSchedule
+from utils.fileio import write_text_atomic
 from utils.loading import load_models
 from utils.plots import write_trace
 
@@ -76,7 +77,7 @@ def main():
     lines += ['Paper (ImageNet, VIAR-d30): at the largest scales the cosine similarity exceeds 0.98 by 5 iterations '
               'and the layer has almost converged after 10 (Fig. 3); constant schedules 2/5/8/10 give cosine '
               '0.914/0.985/0.997/0.999.', '']
-    (RESULTS / 'convergence.md').write_text('\n'.join(lines))
+    write_text_atomic(RESULTS / 'convergence.md', '\n'.join(lines))
     print('\n'.join(lines))
 
 

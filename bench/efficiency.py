@@ -26,6 +26,7 @@ from models import VAR_PRESETS, VQVAE_PRESETS, VARConfig, VQVAEConfig, build_var
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
 from models.subnet import SubnetSpec
+from utils.fileio import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,9 +189,9 @@ def flops_report() -> str:
               'does not name the two schedules, and the official 10->10 schedule costs '
               f"{viar['linear:10,10']:.3f}, above its upper bound."]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / 'flops_paper.json').write_text(json.dumps({'machine': machine(), 'rows': rows}, indent=1))
+    write_text_atomic(RESULTS / 'flops_paper.json', json.dumps({'machine': machine(), 'rows': rows}, indent=1))
     text = '\n'.join(lines) + '\n'
-    (RESULTS / 'flops_paper.md').write_text(text)
+    write_text_atomic(RESULTS / 'flops_paper.md', text)
     return text
 
 
@@ -233,8 +234,8 @@ def main():
             'command': 'python -m bench.efficiency ' + ' '.join(sys.argv[1:])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.name or f'efficiency_{args.suite}_{device.type}'
-    (RESULTS / f'{stem}.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
-    (RESULTS / f'{stem}.md').write_text(to_markdown(rows, meta))
+    write_text_atomic(RESULTS / f'{stem}.json', json.dumps({'meta': meta, 'rows': rows}, indent=1))
+    write_text_atomic(RESULTS / f'{stem}.md', to_markdown(rows, meta))
     print(f'wrote {RESULTS / stem}.md and .json')
 
 

@@ -22,6 +22,7 @@ import torch
 
 from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task
 from utils.cli import ArgumentParser, UserError, main_entry
+from utils.fileio import write_text_atomic
 from utils.inception import BACKENDS, INPUT_SIZE, FIDInceptionV3, load_offline_inception
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
@@ -94,7 +95,7 @@ def run(devices: List[str], threads: List[int], batch_sizes: List[int], batches:
 def write_results(rows: List[dict], meta: Dict[str, object]):
     """bench/results/inception_speed.json and a markdown table with the same numbers."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / 'inception_speed.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
+    write_text_atomic(RESULTS_DIR / 'inception_speed.json', json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
     lines = ['# Inception feature extraction speed', '',
              f'Command: `{meta["command"]}`  ', f'Date (UTC): {meta["date"]}  ',
              f'Machine: {meta["machine"]["cpu"]}, {meta["machine"]["cpu_count"]} CPUs '
@@ -112,7 +113,7 @@ def write_results(rows: List[dict], meta: Dict[str, object]):
     lines += [f'| {r["device"]} | {r["threads"]} | {r["backend"]} | {r["batch_size"]} | '
               f'{r["images_per_s_median"]:.2f} | {r["images_per_s_best"]:.2f} | {r["gflops_best"]:.1f} | '
               f'{r["peak_gflops"]:.1f} | {r["fraction_of_peak"]:.0%} |' for r in rows]
-    (RESULTS_DIR / 'inception_speed.md').write_text('\n'.join(lines) + '\n')
+    write_text_atomic(RESULTS_DIR / 'inception_speed.md', '\n'.join(lines) + '\n')
 
 
 def get_parser() -> ArgumentParser:

@@ -23,6 +23,7 @@ from models.schedules import ListSchedule
 from models.subnet import SubnetSpec
 from utils.cli import ArgumentParser, main_entry
 from utils.fashion_mnist import prepare
+from utils.fileio import write_text_atomic
 from utils.loading import load_models
 from utils.log import setup_logging
 
@@ -120,8 +121,8 @@ def main(args):
             'total_seconds': time.time() - started}
     results = out if args.quick else RESULTS  # a smoke run does not overwrite the committed results
     results.mkdir(parents=True, exist_ok=True)
-    (results / 'reproduction.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=1))
-    (results / 'reproduction.md').write_text(to_markdown(rows, meta))
+    write_text_atomic(results / 'reproduction.json', json.dumps({'meta': meta, 'rows': rows}, indent=1))
+    write_text_atomic(results / 'reproduction.md', to_markdown(rows, meta))
     print(f'wrote {results / "reproduction.md"}')
 
 

@@ -23,6 +23,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from models import VAR_PRESETS, build_var, num_params
 from train import token_losses
+from utils.fileio import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 ADAMW_STATES = 2          # exp_avg and exp_avg_sq per parameter
@@ -124,11 +125,11 @@ def main(argv=None):
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix('.md').write_text(text)
+    write_text_atomic(out.with_suffix('.md'), text)
     meta = {'command': command, 'torch': torch.__version__, 'machine': platform.platform(), 'batch': args.batch,
             'dtypes': 'params/grads/AdamW fp32; saved: fp32 and bf16 autocast', 'device': 'FakeTensorMode (cpu)',
             'rows': rows}
-    out.with_suffix('.json').write_text(json.dumps(meta, indent=1) + '\n')
+    write_text_atomic(out.with_suffix('.json'), json.dumps(meta, indent=1) + '\n')
 
 
 if __name__ == '__main__':

@@ -17,9 +17,14 @@ class ScheduleError(ValueError):
     """An iteration schedule that cannot be used (negative counts, wrong length, bad tolerance)."""
 
 
+MAX_ITERS_PER_SCALE = 1000  # fixed-point iterations converge in tens; a larger count is a typo that never finishes
+
+
 def _check_count(n, what: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ScheduleError(f'{what} must be a non-negative integer, got {n!r}')
+    if n > MAX_ITERS_PER_SCALE:
+        raise ScheduleError(f'{what} {n} is above the limit of {MAX_ITERS_PER_SCALE} iterations per scale')
     return int(n)
 
 
@@ -143,7 +148,7 @@ class BudgetSchedule(IterSchedule):
     def __post_init__(self):
         if self.unit not in ('iters', 'gflops'):
             raise ScheduleError(f'budget unit must be iters or gflops, got {self.unit!r}')
-        if not (isinstance(self.budget, (int, float)) and self.budget > 0):
+        if not (isinstance(self.budget, (int, float)) and 0 < self.budget < float('inf')):
             raise ScheduleError(f'budget must be a positive number, got {self.budget!r}')
         _check_count(self.cap, 'budget cap')
 

@@ -466,7 +466,7 @@ def test_cli_usage_errors(tmp_path, capsys):
     np.savez(good, arr_0=np.zeros((4, 8, 8, 3), np.uint8))
     cases = [([str(good)], 'give a reference batch and a sample batch'),
              ([str(good), str(good), '--save-stats', str(tmp_path / 'o.npz')], 'one input batch'),
-             ([str(good), str(good), '--batch-size', '0'], '--batch-size must be >= 1'),
+             ([str(good), str(good), '--batch-size', '0'], 'argument --batch-size: must be a positive integer'),
              ([str(good), '--save-stats', str(good)], 'would overwrite the input')]
     if not torch.cuda.is_available():
         cases.append(([str(good), str(good), '--device', 'cuda'], 'CUDA is not available'))

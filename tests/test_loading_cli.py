@@ -63,9 +63,7 @@ def test_cli_error_style(capsys):
     assert run(main, parser, ['--n', '-1']) == 2
     err = capsys.readouterr().err
     assert err == 'tool: error: --n must be >= 0 second line\n'
-    with pytest.raises(SystemExit) as e:
-        run(main, parser, ['--n', 'x'])
-    assert e.value.code == 2
+    assert run(main, parser, ['--n', 'x']) == 2  # argparse's refusal is returned as a code, as main's errors are
     assert capsys.readouterr().err.count('\n') == 1
     with pytest.raises(UserError):
         run(main, parser, ['--n', '-1', '--debug'])

@@ -77,7 +77,7 @@ def test_resume_after_kill(ckpts, reference, tmp_path):
 @pytest.mark.parametrize('extra,message', [
     (['--classes', '3,9'], 'out of range'),
     (['--top_p', '1.5'], 'top_p'),
-    (['--batch_size', '0'], 'must be positive'),
+    (['--batch_size', '0'], '--batch_size: must be a positive integer'),
     (['--schedule', 'list:1,2'], 'scales'),
     (['--schedule', 'const:-1'], 'non-negative'),
     (['--no-use_implicit'], 'VIAR'),

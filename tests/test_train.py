@@ -182,9 +182,10 @@ def test_one_line_errors(data, tmp_path, capsys):
     _fails(['--data_path', str(empty), '--vae_ckpt', str(vae), *out], capsys, f'{empty / "train" / "b"} has no images')
     _fails(['--data_path', str(images), '--vae_ckpt', str(tmp_path / 'missing.pth'), *out], capsys,
            'tokenizer checkpoint not found')
-    _fails([*train_args(data, tmp_path / 'out'), '--bs', '0'], capsys, '--bs (0)')
+    _fails([*train_args(data, tmp_path / 'out'), '--bs', '0'], capsys,
+           'argument --batch_size/--bs: must be a positive integer')
     (tmp_path / 'file').write_text('x')
-    _fails(train_args(data, tmp_path / 'file' / 'sub'), capsys, 'is not writable')
+    _fails(train_args(data, tmp_path / 'file' / 'sub'), capsys, 'is not a writable folder')
     _fails([*train_args(data, tmp_path / 'nan'), '--workers', '0', '--tblr', '1e12', '--grad_clip', '0',
             '--max_steps', '6'], capsys, 'the loss is nan at iteration 2')
     # Resuming with flags that describe another model.

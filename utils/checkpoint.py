@@ -1,8 +1,6 @@
 """Checkpoint I/O: safe loading (never arbitrary unpickling), strict loading with readable diffs, atomic writes."""
 import os
 import pickle
-import shutil
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -11,13 +9,12 @@ from typing import Any, Dict, Mapping, Union
 import torch
 import torch.nn as nn
 
+from utils.fileio import atomic_write
+
 PathLike = Union[str, os.PathLike]
 # Prefixes that wrappers add to parameter names (DDP, torch.compile).
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 MAX_LISTED_KEYS = 5
-FILE_MODE = 0o666  # before the umask: written files are as readable as any other file the user creates
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class CheckpointError(ValueError):
@@ -51,6 +48,14 @@ def load_file(path: PathLike) -> Any:
         raise CheckpointError(f'{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]})') from None
     except Exception as e:  # the weights-only unpickler raises KeyError, IndexError, ... on arbitrary bytes
         raise CheckpointError(f'{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})') from None
+
+
+def _describe(obj: Any) -> str:
+    """A short description of an unexpected object found in a checkpoint."""
+    if isinstance(obj, Mapping):
+        odd = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+        return f'a dict whose entry {odd!r} is a {type(obj[odd]).__name__}' if odd is not None else 'a dict'
+    return f'a {type(obj).__name__}'
 
 
 def strip_wrapper_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -93,60 +98,33 @@ def load_state_dict_strict(model: nn.Module, sd: Mapping[str, torch.Tensor], sou
     With `assign=True` the model may live on the meta device: its tensors are replaced by the (float32) checkpoint
     tensors, which skips initialising a large model only to overwrite it.
     """
+    if not isinstance(sd, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f'{source}: expected a state dict (parameter name -> tensor), found {_describe(sd)}')
     sd = strip_wrapper_prefixes(sd)
     if hasattr(model, 'adapt_state_dict'):
         sd = model.adapt_state_dict(sd)
     problem = describe_mismatch(model, sd)
     if problem:
         raise CheckpointError(f'{source} does not fit {type(model).__name__}: {problem}')
+    params = {name for name, _ in model.named_parameters()}  # buffers may hold -inf on purpose (attention masks)
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(
+        torch.isfinite(v).all() if k in params else ~torch.isnan(v).any())]
+    if nonfinite:
+        more = f' (+{len(nonfinite) - MAX_LISTED_KEYS} more)' if len(nonfinite) > MAX_LISTED_KEYS else ''
+        raise CheckpointError(f'{source}: weights are not finite: NaN/Inf in {", ".join(nonfinite[:MAX_LISTED_KEYS])}'
+                              f'{more}; use an earlier checkpoint')
     if assign:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=assign)
 
 
-def temp_name(path: Path) -> str:
-    """A fresh hidden temp file beside `path`, `.NAME.XXXXXXXX.tmp`, created empty, with the umask's permissions
-    (mkstemp's are owner-only, which would hide checkpoints from collaborators on a shared cluster)."""
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE & ~_UMASK)
-    finally:
-        os.close(fd)
-    return tmp
-
-
-def fsync_dir(folder: PathLike):
-    """Make a rename inside `folder` durable (a crash right after it cannot bring back the old entry)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_atomic(obj: Any, path: PathLike):
-    """torch.save to a temp file in the same directory, flush and fsync, then rename over `path` (never a half
-    file: a reader sees the old file or the new one)."""
+    """torch.save through `atomic_write` (never a half file: a reader sees the old file or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            _test_save_delay()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+        _test_save_delay()
 
 
 def _test_save_delay():
@@ -155,26 +133,6 @@ def _test_save_delay():
     delay = os.environ.get('VIAR_TEST_SAVE_DELAY')
     if delay:
         time.sleep(float(delay))
-
-
-def link_atomic(src: PathLike, dst: PathLike):
-    """Make `dst` a copy of the finished file `src` without rewriting it: a hard link (a copy where links are not
-    supported) under a temp name, renamed over `dst`. Later replacing `src` leaves `dst` untouched."""
-    src, dst = Path(src), Path(dst)
-    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
-    if tmp.exists():
-        tmp.unlink()
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -190,15 +148,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_safetensors(sd: Mapping[str, torch.Tensor], path: PathLike, metadata: Dict[str, str] = None):
     """Write a state dict as safetensors, atomically (shared storage is cloned, as safetensors requires)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    try:
-        save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    data = save({k: v.detach().contiguous().clone() for k, v in sd.items()}, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(data)

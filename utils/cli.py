@@ -3,17 +3,19 @@
 Set `--debug` (where a CLI offers it) or the environment variable VIAR_DEBUG=1 to see the traceback instead.
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
-from models.schedules import ScheduleError
+from models.schedules import MAX_ITERS_PER_SCALE, ScheduleError
 from utils.checkpoint import CheckpointError
 
+PathLike = Union[str, os.PathLike]
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128   # a run stopped by signal N exits with 128 + N, as a shell reports it (SIGTERM: 143)
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + 2
@@ -61,6 +63,86 @@ class ArgumentParser(argparse.ArgumentParser):
         return out
 
 
+# ---- numeric flags: one validation layer, as argparse types (a bad value fails at parse time, before any file) ---
+MAX_SEED = 2 ** 63 - 1    # seeds are 64-bit signed integers in torch and numpy
+# Architecture sizes far beyond any real model: larger values are typos that would only fail later (or never finish).
+MAX_DEPTH, MAX_WIDTH, MAX_VOCAB = 1024, 65536, 2 ** 24
+
+
+def _range_text(kind: str, lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
+    """'a positive integer', 'a finite number >= 0', 'an integer in [0, 1000]', ..."""
+    if kind == 'integer' and lo == 1 and hi is None:
+        return 'a positive integer'
+    article = 'an' if kind == 'integer' else 'a'
+    if hi is None:
+        return f'{article} {kind}' + ('' if lo is None else f' {">" if lo_open else ">="} {lo}')
+    if lo is None:
+        return f'{article} {kind} {"<" if hi_open else "<="} {hi}'
+    return f'{article} {kind} in {"(" if lo_open else "["}{lo}, {hi}{")" if hi_open else "]"}'
+
+
+def int_range(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi] (None: unbounded)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f'must be {_range_text("integer", lo, hi)}, got {text}')
+        return value
+
+    parse.__name__ = 'int_range'
+    return parse
+
+
+def finite_float(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False,
+                 hi_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in [lo, hi] (`lo_open` / `hi_open` exclude the bound; None: unbounded)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f'must be {_range_text("finite number", lo, hi, lo_open, hi_open)}, '
+                                             f'got {text}')
+        return value
+
+    parse.__name__ = 'finite_float'
+    return parse
+
+
+SEED = int_range(0, MAX_SEED)
+POSITIVE = int_range(1)
+NON_NEGATIVE = int_range(0)
+NON_NEGATIVE_FLOAT = finite_float(0)
+PROBABILITY = finite_float(0, 1)
+ITERS = int_range(0, MAX_ITERS_PER_SCALE)
+
+
+def refuse_overwriting_inputs(inputs: Dict[str, Optional[PathLike]], outputs: Sequence[PathLike], fix: str):
+    """Inputs are never outputs: a one-line error when a file about to be written is (or links to) one of `inputs`
+    (flag -> path), naming both; `fix` says which flag to change."""
+    for flag, src in inputs.items():
+        if src is None or not os.path.exists(src):
+            continue
+        for out in outputs:
+            if _same_path(src, out):
+                raise UserError(f'{flag} {src} would be overwritten by an output ({out}); pass another {fix}')
+
+
+def _same_path(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return Path(a).resolve() == Path(b).resolve()
+
+
 def signal_exit_code(signum: int) -> int:
     """The exit code of a run that stopped cleanly because it received signal `signum`."""
     return EXIT_SIGNAL_BASE + signum
@@ -88,7 +170,10 @@ def one_line(e: BaseException) -> str:
 
 def run(main: Callable[[argparse.Namespace], Optional[int]], parser: argparse.ArgumentParser, argv=None) -> int:
     """Parse arguments and call `main(args)`, turning user errors into one line and exit code 2."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a flag argparse refused (its line is printed) or --help: return the code, as main does
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     debug = bool(getattr(args, 'debug', False) or os.environ.get('VIAR_DEBUG'))
     try:
         return main(args) or 0

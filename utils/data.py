@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import signal
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -25,6 +26,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.cli import UserError, one_line
+from utils.fileio import create_new, finish_new, read_json_object, write_json_atomic
 from utils.images import to_rgb
 from utils.training import STREAM_DATA, mix_seed
 
@@ -50,7 +52,10 @@ class BadImageError(UserError):
 def load_rgb(path: str) -> Image.Image:
     """Decode an image file completely (so a truncated file fails here) and convert it to RGB."""
     try:
-        with open(path, 'rb') as f:
+        # O_NONBLOCK: a FIFO put in place of an image must fail here, not block the reader forever
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), 'rb') as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise OSError('not a regular file')
             img = Image.open(f)
             img.load()
             return to_rgb(img)
@@ -73,6 +78,45 @@ def build_transform(image_size: int, train: bool, mid_reso: float = DEFAULT_MID_
             T.RandomCrop(image_size) if train else T.CenterCrop(image_size),
             T.ToTensor(), ToPlusMinusOne()]
     return T.Compose(ops)
+
+
+def image_files(folder: Path, seen: set, skipped: Counter) -> List[str]:
+    """Image files under `folder`, sorted, each file once: symbolic links are followed, but a folder or file reached
+    twice (a link loop, a second link to it) is skipped, and so are non-regular files such as FIFOs, which would block
+    the reader forever. `seen` holds the folders (the data root and every class folder from the start) and files met
+    so far, as ('dir', device, inode) and (device, inode); `skipped` counts what was left out, by reason."""
+    found, stack = [], [folder]
+    while stack:
+        current = stack.pop()
+        try:
+            st = current.stat()
+            entries = sorted(os.scandir(current), key=lambda e: e.name, reverse=True)
+        except OSError:
+            skipped['unreadable folder(s)'] += 1
+            continue
+        if current != folder and ('dir', st.st_dev, st.st_ino) in seen:
+            skipped['folder(s) reached twice through symbolic links'] += 1
+            continue
+        seen.add(('dir', st.st_dev, st.st_ino))
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                st = path.stat()
+            except OSError:
+                skipped['broken link(s) or unreadable entries'] += 1
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(path)
+            elif not entry.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            elif not stat.S_ISREG(st.st_mode):
+                skipped['image name(s) that are not regular files (FIFO, device, socket)'] += 1
+            elif (st.st_dev, st.st_ino) in seen:
+                skipped['image(s) reached twice through links'] += 1
+            else:
+                seen.add((st.st_dev, st.st_ino))
+                found.append(str(path))
+    return sorted(found, key=lambda p: os.path.split(p))  # torchvision's order: by folder, then by name
 
 
 class ImageFolder(DatasetFolder):
@@ -101,7 +145,16 @@ class ImageFolder(DatasetFolder):
         return classes, {c: i for i, c in enumerate(classes)}
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=True):
-        samples = DatasetFolder.make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty=True)
+        samples, skipped = [], Counter()
+        # The root and every class folder count as visited: a link back to them from inside a class is skipped.
+        roots = [Path(directory), *(Path(directory) / name for name in class_to_idx)]
+        seen = {('dir', st.st_dev, st.st_ino) for st in (r.stat() for r in roots if r.is_dir())}
+        for name in sorted(class_to_idx):
+            folder = Path(directory) / name
+            if folder.is_dir():
+                samples += [(path, class_to_idx[name]) for path in image_files(folder, seen, skipped)]
+        for why, n in sorted(skipped.items()):
+            log.warning('%s: skipped %d %s', directory, n, why)
         if self._given_classes is None:
             counts = Counter(label for _, label in samples)
             empty = [c for c, i in class_to_idx.items() if counts[i] == 0]
@@ -297,16 +350,18 @@ def build_token_cache(cache_dir, vae, train: ImageFolder, image_size: int, mid_r
     images.transform = build_transform(image_size, train=False, mid_reso=mid_reso)
     key = token_cache_key(vae, images, image_size, mid_reso, views)
     path, labels, meta = (cache_dir / f'tokens-{key}.{ext}' for ext in ('npy', 'labels.npy', 'json'))
+    N, L = len(images), sum(pn * pn for pn in vae.config.patch_nums)
     if meta.is_file():
+        check_token_cache(path, labels, meta, (N, views, L), vae.V, len(train.classes))
         log.info('token cache: using %s', path)
         return TokenDataset(path, labels)
-    N, L = len(images), sum(pn * pn for pn in vae.config.patch_nums)
     dtype = np.uint16 if vae.V <= np.iinfo(np.uint16).max + 1 else np.int32
+    # Fixed names (every rank opens them), created exclusively by rank 0: a planted link is removed, not followed.
     tmp, tmp_labels = cache_dir / f'.tokens-{key}.npy.tmp', cache_dir / f'.tokens-{key}.labels.npy.tmp'
     if rank == 0:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(tmp, mode='w+', dtype=dtype, shape=(N, views, L)).flush()
-        np.lib.format.open_memmap(tmp_labels, mode='w+', dtype=np.int64, shape=(N,)).flush()
+        create_npy(tmp, np.dtype(dtype), (N, views, L))
+        create_npy(tmp_labels, np.dtype(np.int64), (N,))
         log.info('token cache: tokenizing %d images (%d view(s)) into %s', N, views, path)
     barrier()
     arr, arr_labels = np.load(tmp, mmap_mode='r+'), np.load(tmp_labels, mmap_mode='r+')
@@ -329,8 +384,35 @@ def build_token_cache(cache_dir, vae, train: ImageFolder, image_size: int, mid_r
     del arr, arr_labels
     barrier()
     if rank == 0:
-        os.replace(tmp, path)
-        os.replace(tmp_labels, labels)
-        meta.write_text(json.dumps({'images': N, 'views': views, 'tokens': L, 'root': str(images.root)}))
+        finish_new(tmp, path)
+        finish_new(tmp_labels, labels)
+        write_json_atomic(meta, {'images': N, 'views': views, 'tokens': L, 'root': str(images.root)})
     barrier()
     return TokenDataset(path, labels)
+
+
+def create_npy(path: Path, dtype: np.dtype, shape: Tuple[int, ...]):
+    """An .npy of zeros (sparse) at the fixed work name `path`, for `np.load(mmap_mode='r+')` to fill in."""
+    header = {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False, 'shape': shape}
+    with create_new(path) as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        f.truncate(f.tell() + int(np.prod(shape)) * dtype.itemsize)
+
+
+def check_token_cache(path: Path, labels: Path, meta: Path, shape: Tuple[int, ...], vocab: int, classes: int):
+    """A one-line error naming the file unless the cache holds `shape` token ids below `vocab` and labels below
+    `classes` (a truncated, edited or foreign file would train on wrong tokens or fail deep inside a step)."""
+    fix = f'remove {path.parent / path.stem}.* to rebuild the cache'
+    read_json_object(meta)
+    for file, want in ((path, shape), (labels, shape[:1])):
+        try:
+            arr = np.load(file, mmap_mode='r', allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise UserError(f'{file}: unreadable token cache ({one_line(e)}); {fix}') from None
+        if arr.shape != tuple(want) or arr.dtype.kind not in 'iu':
+            raise UserError(f'{file}: token cache of {arr.dtype} {arr.shape}, expected integers of shape '
+                            f'{tuple(want)}; {fix}')
+        top = classes if file == labels else vocab
+        if arr.size and (int(arr.max()) >= top or int(arr.min()) < 0):
+            what = 'labels' if file == labels else 'token ids'
+            raise UserError(f'{file}: {what} outside [0, {top - 1}] (range {arr.min()}..{arr.max()}); {fix}')

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from utils.checkpoint import load_file, save_atomic, save_safetensors, strip_wrapper_prefixes
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.cli import ArgumentParser, UserError, main_entry, refuse_overwriting_inputs
 
 FORMATS = ('pth', 'safetensors')
 
@@ -31,23 +31,24 @@ def weights_of(obj, path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd = obj
     else:
-        raise UserError(f'{path}: not a recognised checkpoint (top-level keys: {sorted(obj)[:8]})')
+        raise UserError(f'{path}: not a recognised checkpoint (top-level keys: {sorted(obj, key=str)[:8]})')
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise UserError(f'{path}: its weights are not a state dict (parameter name -> tensor)')
     return {k: v.detach().cpu().contiguous() for k, v in strip_wrapper_prefixes(sd).items()}, meta
 
 
 def export(ckpt: Path, out_dir: Path, name: Optional[str] = None, formats=FORMATS) -> List[Path]:
     """Write `out_dir/<name>.pth` and/or `.safetensors`; returns the files written."""
     ckpt = Path(ckpt)
-    sd, meta = weights_of(load_file(ckpt), ckpt)
     name = name or ckpt.stem.replace('-ckpt', '')
-    written = []
-    if 'pth' in formats:
-        written.append(Path(out_dir) / f'{name}.pth')
-        save_atomic(sd, written[-1])
-    if 'safetensors' in formats:
-        written.append(Path(out_dir) / f'{name}.safetensors')
-        save_safetensors(sd, written[-1], metadata=meta or None)
-    return written
+    paths = {fmt: Path(out_dir) / f'{name}.{fmt}' for fmt in FORMATS if fmt in formats}
+    refuse_overwriting_inputs({'the checkpoint': ckpt}, list(paths.values()), '--out_dir or --name')
+    sd, meta = weights_of(load_file(ckpt), ckpt)
+    if 'pth' in paths:
+        save_atomic(sd, paths['pth'])
+    if 'safetensors' in paths:
+        save_safetensors(sd, paths['safetensors'], metadata=meta or None)
+    return list(paths.values())
 
 
 def get_parser() -> ArgumentParser:

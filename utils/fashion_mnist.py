@@ -7,9 +7,9 @@ from --raw_dir / $FASHION_MNIST_DIR holding train-images-idx3-ubyte.gz etc. Imag
 PNGs zero-padded (black background) to --size; train = the 60k training set, val = the 10k test set.
 """
 import gzip
-import json
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -17,7 +17,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from utils.cli import ArgumentParser, UserError, main_entry
+from utils.cli import ArgumentParser, UserError, int_range, main_entry, writable_dir
+from utils.fileio import read_json_object, write_json_atomic
+from utils.images import save_png_atomic
 
 DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 # Index-prefixed so that ImageFolder's sorted class order equals the dataset's label ids.
@@ -25,7 +27,9 @@ CLASS_NAMES = ('0-tshirt-top', '1-trouser', '2-pullover', '3-dress', '4-coat', '
                '8-bag', '9-ankle-boot')
 SPLITS = {'train': 'train', 'val': 't10k'}
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+MAX_IDX_BYTES = 2 ** 31  # far above Fashion-MNIST's 47 MB: a header announcing more is malformed
 DONE_FILE = 'prepared.json'
+MIN_SIZE, MAX_SIZE = 8, 1024  # --size: sides the trainers can use
 
 
 def find_raw_dir(raw_dir: Optional[str] = None) -> Path:
@@ -42,19 +46,43 @@ def find_raw_dir(raw_dir: Optional[str] = None) -> Path:
                     'when online) and pass --raw_dir, or point the trainer at any ImageFolder')
 
 
+def _read_gz(path: Path, header: str, item_bytes) -> Tuple[tuple, bytes]:
+    """(header fields, payload) of a gzip'd idx file, checked to hold exactly the payload its header announces."""
+    if not path.is_file():
+        raise UserError(f'{path}: Fashion-MNIST file not found (--raw_dir needs all four idx .gz files)')
+    size = struct.calcsize(header)
+    try:
+        with gzip.open(path, 'rb') as f:
+            head = f.read(size)
+            if len(head) < size:
+                raise UserError(f'{path}: truncated idx file (header of {len(head)} of {size} bytes)')
+            fields = struct.unpack(header, head)
+            want = item_bytes(fields)
+            if not 0 < want <= MAX_IDX_BYTES:
+                raise UserError(f'{path}: malformed idx header {fields} (announces {want} bytes)')
+            data = f.read(want + 1)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f'{path}: not a readable gzip file ({e})') from None
+    if len(data) != want:
+        raise UserError(f'{path}: {"truncated" if len(data) < want else "malformed"} idx file (header announces '
+                        f'{want} bytes of data, found {"more" if len(data) > want else len(data)})')
+    return fields, data
+
+
 def read_idx(images_gz: Path, labels_gz: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """(N, 28, 28) uint8 images and (N,) uint8 labels from a pair of gzip'd idx files."""
-    with gzip.open(images_gz, 'rb') as f:
-        magic, n, rows, cols = struct.unpack('>IIII', f.read(16))
-        if magic != IMAGES_MAGIC:
-            raise UserError(f'{images_gz}: not an idx image file (magic {magic})')
-        images = np.frombuffer(f.read(n * rows * cols), dtype=np.uint8).reshape(n, rows, cols)
-    with gzip.open(labels_gz, 'rb') as f:
-        magic, m = struct.unpack('>II', f.read(8))
-        if magic != LABELS_MAGIC or m != n:
-            raise UserError(f'{labels_gz}: not the label file of {images_gz}')
-        labels = np.frombuffer(f.read(m), dtype=np.uint8)
-    return images, labels
+    """(N, 28, 28) uint8 images and (N,) uint8 labels from a pair of gzip'd idx files, with one-line errors for
+    truncated or malformed files."""
+    (magic, n, rows, cols), pixels = _read_gz(images_gz, '>IIII', lambda h: h[1] * h[2] * h[3])
+    if magic != IMAGES_MAGIC:
+        raise UserError(f'{images_gz}: not an idx image file (magic {magic}, expected {IMAGES_MAGIC})')
+    (magic, m), raw_labels = _read_gz(labels_gz, '>II', lambda h: h[1])
+    if magic != LABELS_MAGIC or m != n:
+        raise UserError(f'{labels_gz}: not the label file of {images_gz} (magic {magic}, {m} labels for {n} images)')
+    labels = np.frombuffer(raw_labels, dtype=np.uint8)
+    if labels.max() >= len(CLASS_NAMES):
+        raise UserError(f'{labels_gz}: label {labels.max()} is out of range (Fashion-MNIST has {len(CLASS_NAMES)} '
+                        f'classes)')
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(n, rows, cols), labels
 
 
 def to_rgb_padded(img_hw: np.ndarray, size: int) -> np.ndarray:
@@ -75,13 +103,14 @@ def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_c
     out_root = Path(out_root)
     done = out_root / DONE_FILE
     want = {'size': size, 'per_class': per_class, 'val_per_class': val_per_class}
-    if done.is_file() and {k: json.loads(done.read_text()).get(k) for k in want} == want:
+    if done.is_file() and {k: read_json_object(done).get(k) for k in want} == want:
         return out_root
     raw = find_raw_dir(raw_dir)
+    splits = {split: read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
+              for split, prefix in SPLITS.items()}  # all four files checked before anything is written
     counts = {}
-    for split, prefix in SPLITS.items():
+    for split, (images, labels) in splits.items():
         limit = per_class if split == 'train' else val_per_class
-        images, labels = read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
         for name in CLASS_NAMES:
             (out_root / split / name).mkdir(parents=True, exist_ok=True)
         taken = np.zeros(len(CLASS_NAMES), dtype=int)
@@ -89,27 +118,30 @@ def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_c
             c = int(labels[i])
             if limit is not None and taken[c] >= limit:
                 continue
-            Image.fromarray(to_rgb_padded(images[i], size)).save(out_root / split / CLASS_NAMES[c] / f'{i:05d}.png')
+            save_png_atomic(to_rgb_padded(images[i], size), out_root / split / CLASS_NAMES[c] / f'{i:05d}.png')
             taken[c] += 1
         counts[split] = int(taken.sum())
-    done.write_text(json.dumps({**want, 'counts': counts, 'source': str(raw)}, indent=1))
+    write_json_atomic(done, {**want, 'counts': counts, 'source': str(raw)})
     return out_root
 
 
 def get_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--out', default='data/fashion_mnist', help='ImageFolder root to write')
-    p.add_argument('--size', type=int, default=32, help='side of the written RGB images')
+    p.add_argument('--size', type=int_range(MIN_SIZE, MAX_SIZE), default=32, help='side of the written RGB images')
     p.add_argument('--raw_dir', default=None, help='folder with the idx .gz files (default: the Debian package)')
-    p.add_argument('--per_class', type=int, default=None, help='keep at most this many training images per class')
-    p.add_argument('--val_per_class', type=int, default=None, help='keep at most this many val images per class')
+    p.add_argument('--per_class', type=int_range(1), default=None,
+                   help='keep at most this many training images per class')
+    p.add_argument('--val_per_class', type=int_range(1), default=None,
+                   help='keep at most this many val images per class')
     return p
 
 
 def main(args):
+    writable_dir(args.out, '--out')
     root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class,
                    val_per_class=args.val_per_class)
-    print(f'Fashion-MNIST ImageFolder ready at {root}: {json.loads((root / DONE_FILE).read_text())["counts"]}')
+    print(f'Fashion-MNIST ImageFolder ready at {root}: {read_json_object(root / DONE_FILE).get("counts")}')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,5 @@
 """Image files: any PIL mode as 8-bit RGB, uint8 conversion as the official sampler does it, atomic PNG writes,
 streaming ADM .npz packing."""
-import os
 import zipfile
 from pathlib import Path
 from typing import Iterable
@@ -9,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.checkpoint import temp_name
+from utils.fileio import atomic_write
 
 SIXTEEN_BIT_MAX = 65535.0
 
@@ -37,22 +36,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == 'RGB' else img.convert('RGB')
 
 
+class NonFiniteImages(ValueError):
+    """Decoded images holding NaN/Inf: they would be written as silently wrong (black) pixels."""
+
+
 def to_uint8_hwc(img_B3HW: torch.Tensor) -> np.ndarray:
-    """Images in [0, 1] -> uint8 (B, H, W, 3), truncating x*255 like the official sampling.py."""
+    """Images in [0, 1] -> uint8 (B, H, W, 3), truncating x*255 like the official sampling.py; non-finite values are
+    refused (NonFiniteImages) before anything is written."""
+    if not bool(torch.isfinite(img_B3HW).all()):
+        raise NonFiniteImages('the decoded images hold NaN/Inf values (the model output is not finite, e.g. an fp16 '
+                              'overflow: try --dtype fp32); nothing was written for them')
     return img_B3HW.float().mul(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_png_atomic(arr_HW3: np.ndarray, path: Path):
-    """Write a PNG via a temp file and rename, so a killed process never leaves a truncated image."""
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        Image.fromarray(arr_HW3).save(tmp, format='PNG')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write a PNG through `atomic_write`, so a killed process never leaves a truncated image."""
+    with atomic_write(path) as f:
+        Image.fromarray(arr_HW3).save(f, format='PNG')
 
 
 def load_png_rgb(path: Path) -> np.ndarray:
@@ -70,12 +70,11 @@ def write_npz_stream(path: Path, rows: Iterable[np.ndarray], count: int, row_sha
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
     header = {'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False,
               'shape': (count, *row_shape)}
     written = 0
-    try:
-        with zipfile.ZipFile(tmp, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_write(path) as out:
+        with zipfile.ZipFile(out, mode='w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open(f'{key}.npy', mode='w', force_zip64=True) as f:
                 np.lib.format.write_array_header_2_0(f, header)
                 for row in rows:
@@ -86,8 +85,3 @@ def write_npz_stream(path: Path, rows: Iterable[np.ndarray], count: int, row_sha
                     written += 1
         if written != count:
             raise ValueError(f'expected {count} rows, got {written}')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -26,18 +26,28 @@ def model_checkpoint(kind: str, model: torch.nn.Module, **extra) -> Dict[str, An
     return {'kind': kind, 'config': model.config.to_dict(), 'model': model.state_dict(), **extra}
 
 
-def _split(obj: Any, kind: str, path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]], Any]:
+def config_from(cls, cfg: Any, path: PathLike):
+    """`cls.from_dict(cfg)` of the config stored in checkpoint `path`, with a one-line error naming the file."""
+    try:
+        return cls.from_dict(cfg)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f'{path}: the stored config is invalid ({e})') from None
+
+
+def split_checkpoint(obj: Any, kind: str, path: Path) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, Any]], Any]:
     """(state dict, config dict or None, the whole checkpoint) from any accepted file layout."""
     if not isinstance(obj, dict):
         raise CheckpointError(f'{path}: expected a state dict or checkpoint dict, found {type(obj).__name__}')
     if 'model' in obj and 'kind' in obj:
         if obj['kind'] != kind:
             raise CheckpointError(f'{path}: is a {obj["kind"]} checkpoint, but a {kind} checkpoint was expected')
+        if not isinstance(obj['model'], dict):
+            raise CheckpointError(f'{path}: its model entry is a {type(obj["model"]).__name__}, not a state dict')
         return obj['model'], obj.get('config'), obj
     if 'trainer' in obj and isinstance(obj['trainer'], dict):  # official training checkpoint
         key = 'var_wo_ddp' if kind == KIND_VAR else 'vae_local'
-        if key not in obj['trainer']:
-            raise CheckpointError(f'{path}: official training checkpoint without trainer.{key}')
+        if not isinstance(obj['trainer'].get(key), dict):
+            raise CheckpointError(f'{path}: official training checkpoint without a trainer.{key} state dict')
         return obj['trainer'][key], None, obj
     if all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj, None, obj
@@ -51,12 +61,12 @@ def _is_var_state(sd: Dict[str, torch.Tensor]) -> bool:
 def read_var(path: PathLike, preset: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], VARConfig, Any]:
     """(state dict, config, the whole checkpoint object) of any accepted VAR/VIAR file, without building the model."""
     path = Path(path)
-    sd, cfg, obj = _split(load_file(path), KIND_VAR, path)
+    sd, cfg, obj = split_checkpoint(load_file(path), KIND_VAR, path)
     sd = strip_wrapper_prefixes(sd)
     if not _is_var_state(sd):
         raise CheckpointError(f'{path}: does not look like a VAR/VIAR checkpoint (no class_emb.weight)')
     if cfg is not None:
-        config = VARConfig.from_dict(cfg)
+        config = config_from(VARConfig, cfg, path)
     elif preset is not None:
         if preset not in VAR_PRESETS:
             raise ValueError(f'unknown preset {preset!r}; choose from {sorted(VAR_PRESETS)}')
@@ -90,14 +100,14 @@ def load_vae(path: PathLike, patch_nums: Optional[Sequence[int]] = None, device=
              fallback_config: Optional[Dict[str, Any]] = None) -> VQVAE:
     """Build and strictly load a (frozen) tokenizer."""
     path = Path(path)
-    sd, cfg, _ = _split(load_file(path), KIND_VQVAE, path)
+    sd, cfg, _ = split_checkpoint(load_file(path), KIND_VQVAE, path)
     sd = strip_wrapper_prefixes(sd)
     if 'quantize.embedding.weight' not in sd:
         raise CheckpointError(f'{path}: does not look like a VQVAE checkpoint (no quantize.embedding.weight)')
     if cfg is not None:
-        config = VQVAEConfig.from_dict(cfg)
+        config = config_from(VQVAEConfig, cfg, path)
     elif fallback_config is not None:
-        config = VQVAEConfig.from_dict(fallback_config)
+        config = config_from(VQVAEConfig, fallback_config, path)
     else:
         config = VQVAEConfig.from_state_dict(sd, patch_nums=patch_nums)
     vae = build_vqvae(config, device='meta')

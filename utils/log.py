@@ -3,13 +3,25 @@ to TensorBoard and a JSON-lines file."""
 import json
 import logging
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, Optional
 
+from utils.fileio import open_append, write_text_atomic
+
 LOG_FORMAT = '[%(asctime)s] %(message)s'
 DATE_FORMAT = '%m-%d %H:%M:%S'
+
+
+class NoFollowFileHandler(logging.FileHandler):
+    """A log file opened for appending with `open_append`: a symbolic link in its place is refused, not followed."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, mode='a', delay=True)
+        self.stream = self._open()
+
+    def _open(self):
+        return open_append(self.baseFilename)
 
 
 def setup_logging(rank: int = 0, log_file: Optional[Path] = None, level: int = logging.INFO) -> logging.Logger:
@@ -24,7 +36,7 @@ def setup_logging(rank: int = 0, log_file: Optional[Path] = None, level: int = l
     root.setLevel(level if rank == 0 else logging.WARNING)
     if rank == 0 and log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(log_file, mode='a')
+        file_handler = NoFollowFileHandler(log_file)
         file_handler.setFormatter(formatter)
         root.addHandler(file_handler)
     return logging.getLogger('viar')
@@ -45,9 +57,7 @@ class MetricWriter:
             return
         if resume_step is not None and self.json_path.is_file():
             kept = [line for line in self.json_path.read_text().splitlines() if _step_of(line) <= resume_step]
-            tmp = self.json_path.with_name(f'.{self.json_path.name}.tmp')
-            tmp.write_text(''.join(line + '\n' for line in kept))
-            os.replace(tmp, self.json_path)
+            write_text_atomic(self.json_path, ''.join(line + '\n' for line in kept))
         from torch.utils.tensorboard import SummaryWriter  # imported here: only rank 0 needs TensorBoard
         self.tb = SummaryWriter(str(Path(out_dir) / tb_name), purge_step=resume_step)
         self.tb_dir = Path(out_dir) / tb_name
@@ -59,7 +69,7 @@ class MetricWriter:
         for tag, value in scalars.items():
             if value is not None:
                 self.tb.add_scalar(tag, value, step)
-        with open(self.json_path, 'a') as f:
+        with open_append(self.json_path) as f:
             f.write(json.dumps({'step': step, **extra, **scalars}) + '\n')
 
     def close(self):

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from utils.cli import UserError
+from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, UserError
 
 OFFICIAL_SCHEDULE = 'linear:10,10'   # scripts/eval.sh: --iter_left 10 --iter_right 10
 OFFICIAL_TOP_K, OFFICIAL_TOP_P = 900, 0.96
@@ -94,13 +94,14 @@ def add_official_train_flags(parser: argparse.ArgumentParser):
     g.add_argument('--afuse', action=argparse.BooleanOptionalAction, default=True, help='fused AdamW on CUDA')
     g.add_argument('--fuse', action=argparse.BooleanOptionalAction, default=True,
                    help='official fused kernels (flash-attn, xformers): no effect, attention is always SDPA')
-    g.add_argument('--patch_size', type=int, default=None,
+    g.add_argument('--patch_size', type=POSITIVE, default=None,
                    help='pixels per finest-scale token: checked against the tokenizer (16 for the released one)')
-    g.add_argument('--pg', type=float, default=0.0, help='official progressive training: only 0 (off, as for the '
-                   'released models) is supported')
-    g.add_argument('--pg0', type=int, default=4, help='first scale of progressive training (only used with --pg)')
-    g.add_argument('--pgwp', type=float, default=0.0, help='warm-up epochs per progressive stage (only with --pg)')
-    g.add_argument('--same_seed_for_all_ranks', type=int, default=0,
+    g.add_argument('--pg', type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help='official progressive training: only 0 (off, as for the released models) is supported')
+    g.add_argument('--pg0', type=POSITIVE, default=4, help='first scale of progressive training (only used with --pg)')
+    g.add_argument('--pgwp', type=NON_NEGATIVE_FLOAT, default=0.0,
+                   help='warm-up epochs per progressive stage (only with --pg)')
+    g.add_argument('--same_seed_for_all_ranks', type=NON_NEGATIVE, default=0,
                    help='official offset of the data-order seed: only 0 (use --seed)')
 
 

@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
+from utils.fileio import atomic_write, write_json_atomic  # noqa: E402
+
 MIN_RESIDUAL = 1e-12  # floor for the log axis
 
 
@@ -15,7 +17,7 @@ def write_trace(trace: Dict[int, List[dict]], patch_nums: Sequence[int], json_pa
     """A fixed-point trace ({scale: [{'it', 'residual', 'cosine'}, ...]}) as JSON and as the paper's Fig. 3: relative
     residual and cosine similarity against the iteration, one line per scale."""
     data = {f'scale_{si}_{pn}x{pn}': trace.get(si, []) for si, pn in enumerate(patch_nums)}
-    Path(json_path).write_text(json.dumps(data, indent=1))
+    write_json_atomic(json_path, data)
     fig, (ax_r, ax_c) = plt.subplots(1, 2, figsize=(10, 4))
     for si, pn in enumerate(patch_nums):
         steps = trace.get(si, [])
@@ -27,7 +29,8 @@ def write_trace(trace: Dict[int, List[dict]], patch_nums: Sequence[int], json_pa
     ax_c.set(xlabel='iteration', ylabel='cos(z_{t+1}, z_t)', title='cosine similarity')
     ax_r.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    with atomic_write(png_path) as f:
+        fig.savefig(f, format='png', dpi=120)
     plt.close(fig)
 
 
@@ -54,5 +57,6 @@ def plot_training_curves(tokenizer_log: Path, model_log: Path, png: Path):
     axes[2].set(title='cross-entropy', xlabel='iteration')
     axes[2].legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_write(png) as f:
+        fig.savefig(f, format='png', dpi=110)
     plt.close(fig)

@@ -11,10 +11,12 @@ from models.kv_cache import KV_POLICIES
 from models.sampler import compiled_trunk_step, resolve_schedule
 from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
-from utils.cli import UserError
+from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, PROBABILITY, UserError, finite_float
 from utils.hub import resolve_checkpoint
 from utils.loading import load_models
 
+MAX_IDS = 10_000  # --seeds / --classes entries per run (gen_img keeps every image in memory)
+MAX_CFG = 1000.0  # far beyond any useful guidance; larger values overflow the logits
 DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
 
@@ -31,9 +33,10 @@ def add_model_args(parser: argparse.ArgumentParser):
                    help='architecture of a bare released state dict (default: read off its keys and shapes)')
     g.add_argument('--use_implicit', action=argparse.BooleanOptionalAction, default=None,
                    help='assert the checkpoint is VIAR (or, with --no-use_implicit, VAR); default: whatever it is')
-    g.add_argument('--depth', type=int, default=None, help='assert the checkpoint has this (nominal) depth')
-    g.add_argument('--pre_depth', type=int, default=None, help='assert the VIAR checkpoint has this many pre-blocks')
-    g.add_argument('--post_depth', type=int, default=None, help='assert this many post-blocks')
+    g.add_argument('--depth', type=POSITIVE, default=None, help='assert the checkpoint has this (nominal) depth')
+    g.add_argument('--pre_depth', type=NON_NEGATIVE, default=None,
+                   help='assert the VIAR checkpoint has this many pre-blocks')
+    g.add_argument('--post_depth', type=NON_NEGATIVE, default=None, help='assert this many post-blocks')
     g.add_argument('--device', default='auto', choices=['auto', 'cuda', 'cpu'])
     g.add_argument('--precision', '--dtype', dest='precision', default='auto', choices=['auto', *DTYPES],
                    help='autocast precision of the transformer on the device in use, the CPU included (auto: fp16 '
@@ -42,21 +45,22 @@ def add_model_args(parser: argparse.ArgumentParser):
 
 def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: float = 0.96):
     g = parser.add_argument_group('sampling')
-    g.add_argument('--cfg', type=float, default=1.5, help='classifier-free guidance, ramped linearly over scales')
-    g.add_argument('--top_k', type=int, default=top_k, help='keep the k most likely tokens (0: all)')
-    g.add_argument('--top_p', type=float, default=top_p, help='nucleus mass in [0, 1] (0: off)')
+    g.add_argument('--cfg', type=finite_float(0, MAX_CFG), default=1.5,
+                   help='classifier-free guidance, ramped linearly over scales')
+    g.add_argument('--top_k', type=NON_NEGATIVE, default=top_k, help='keep the k most likely tokens (0: all)')
+    g.add_argument('--top_p', type=PROBABILITY, default=top_p, help='nucleus mass in [0, 1] (0: off)')
     g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax token mixing (not for FID)')
     g.add_argument('--schedule', default=None,
                    help='implicit iterations per scale: const:N, linear:LEFT,RIGHT, list:N1,..., adaptive:TOL,CAP, '
                         'budget:ITERS[,CAP] or flops:GFLOPS[,CAP] (default: linear:ITER_LEFT,ITER_RIGHT)')
-    g.add_argument('--iter_left', type=int, default=10, help='official linear schedule: iterations at scale 1')
-    g.add_argument('--iter_right', type=int, default=10, help='official linear schedule: at the last scale')
+    g.add_argument('--iter_left', type=ITERS, default=10, help='official linear schedule: iterations at scale 1')
+    g.add_argument('--iter_right', type=ITERS, default=10, help='official linear schedule: at the last scale')
     g.add_argument('--kv_policy', default='per_iteration', choices=KV_POLICIES,
                    help='implicit-block KV cache: per_iteration (official) or lean (one cache, any schedule)')
     g.add_argument('--solver', default='picard', choices=sorted(SOLVERS), help='fixed-point solver')
-    g.add_argument('--subnet_depth', type=int, default=None,
+    g.add_argument('--subnet_depth', type=POSITIVE, default=None,
                    help='VARiant (explicit VAR only): run scales after the bridge with this many shared layers')
-    g.add_argument('--bridge', type=int, default=6, help='VARiant: scales that always run the full depth')
+    g.add_argument('--bridge', type=NON_NEGATIVE, default=6, help='VARiant: scales that always run the full depth')
     g.add_argument('--subnet_selection', default='equidistant', choices=SELECTIONS,
                    help="VARiant layer choice: the paper's equidistant rule, or nested across d, 2d, 4d, ...")
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
@@ -133,24 +137,31 @@ def subnet_from_args(args, var: VAR) -> Optional[SubnetSpec]:
         raise UserError('--subnet_depth applies to explicit VAR models; for VIAR use --schedule')
     if not 2 <= args.subnet_depth <= var.depth:
         raise UserError(f'--subnet_depth must lie in [2, {var.depth}], got {args.subnet_depth}')
-    if args.bridge < 0:
-        raise UserError(f'--bridge must be >= 0 scales, got {args.bridge}')
     equidistant_subnet(var.depth, args.subnet_depth)
     return SubnetSpec(args.subnet_depth, args.bridge, args.subnet_selection)
 
 
-def parse_ids(spec: str, what: str) -> List[int]:
-    """'A-B' (inclusive) | 'a,b,c' -> list of ints, or a one-line error naming the flag."""
+def parse_ids(spec: str, what: str, lo: Optional[int] = None, hi: Optional[int] = None) -> List[int]:
+    """'A-B' (inclusive) | 'a,b,c' -> list of at most MAX_IDS ints, each in [lo, hi] when given, or a one-line error
+    naming the flag."""
     try:
         if '-' in spec and ',' not in spec and not spec.startswith('-'):
-            lo, hi = (int(x) for x in spec.split('-'))
-            ids = list(range(lo, hi + 1))
+            first, last = (int(x) for x in spec.split('-'))
+            if last - first + 1 > MAX_IDS:
+                raise UserError(f'--{what} {spec!r} selects {last - first + 1} ids, more than the limit of {MAX_IDS} '
+                                f'per run; split it over several runs')
+            ids = list(range(first, last + 1))
         else:
             ids = [int(x) for x in spec.split(',') if x.strip()]
     except ValueError:
         raise UserError(f"cannot parse --{what} {spec!r}; use e.g. '3', '0-9' or '1,5'") from None
     if not ids:
         raise UserError(f'--{what} {spec!r} selects nothing')
+    if len(ids) > MAX_IDS:
+        raise UserError(f'--{what} selects {len(ids)} ids, more than the limit of {MAX_IDS} per run')
+    bad = [i for i in ids if (lo is not None and i < lo) or (hi is not None and i > hi)]
+    if bad:
+        raise UserError(f'--{what} {bad[0]} is out of range: ids must lie in [{lo}, {hi}]')
     return ids
 
 
@@ -163,13 +174,3 @@ def parse_classes(spec: str, num_classes: int) -> List[int]:
     if len(set(classes)) != len(classes):
         raise UserError(f'--classes {spec!r} repeats a class')
     return classes
-
-
-def check_knobs(args):
-    """One-line errors for sampling knobs out of range (a top-k beyond the vocabulary keeps every token)."""
-    if not 0.0 <= args.top_p <= 1.0:
-        raise UserError(f'--top_p must lie in [0, 1], got {args.top_p}')
-    if args.top_k < 0:
-        raise UserError(f'--top_k must be >= 0, got {args.top_k}')
-    if args.cfg < 0:
-        raise UserError(f'--cfg must be >= 0, got {args.cfg}')

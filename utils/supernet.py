@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from models.subnet import SELECTIONS, SubnetSpec, subnet_probability
-from utils.cli import UserError
+from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, PROBABILITY, UserError
 from utils.training import STREAM_SUBNET, mix_seed
 
 log = logging.getLogger('viar')
@@ -30,19 +30,19 @@ DEFAULT_P_START = 0.2                                  # phase 1's subnet probab
 def add_supernet_flags(p):
     g = p.add_argument_group('VARiant supernet', 'progressive supernet training of an explicit VAR (VARiant Alg. 1), '
                                                  'usually fine-tuning a trained model (--init_from)')
-    g.add_argument('--subnet_depth', type=int, metavar='d',
+    g.add_argument('--subnet_depth', type=POSITIVE, metavar='d',
                    help='train a supernet: each optimizer step runs either the full model or, with the probability of '
                         'the phase schedule, d shared layers for the scales after the bridge (off when not given)')
-    g.add_argument('--bridge', type=int, metavar='N',
+    g.add_argument('--bridge', type=NON_NEGATIVE, metavar='N',
                    help=f'first N scales always run all layers (default {DEFAULT_BRIDGE} as the paper, at most the '
                         f'number of scales - 1)')
     g.add_argument('--subnet_selection', choices=SELECTIONS, default='equidistant',
                    help="the paper's equidistant layers, or layers nested across d, 2d, 4d, ...")
-    g.add_argument('--phase1_epochs', type=float, default=DEFAULT_PHASE1_EPOCHS,
+    g.add_argument('--phase1_epochs', type=NON_NEGATIVE_FLOAT, default=DEFAULT_PHASE1_EPOCHS,
                    help='phase 1: the subnet with probability --subnet_p_start (fractions allowed)')
-    g.add_argument('--phase2_epochs', type=float, default=DEFAULT_PHASE2_EPOCHS,
+    g.add_argument('--phase2_epochs', type=NON_NEGATIVE_FLOAT, default=DEFAULT_PHASE2_EPOCHS,
                    help='phase 2: the probability rises linearly to 1; phase 3 (subnet only) is the rest of --ep')
-    g.add_argument('--subnet_p_start', type=float, default=DEFAULT_P_START, help='subnet probability in phase 1')
+    g.add_argument('--subnet_p_start', type=PROBABILITY, default=DEFAULT_P_START, help='subnet probability in phase 1')
     return g
 
 
@@ -99,10 +99,8 @@ def supernet_from_args(args, use_implicit: bool, depth: int, num_scales: int, it
         raise UserError(f'--bridge must lie in [0, {num_scales - 1}]: the tokenizer has {num_scales} scales and the '
                         f'subnet needs at least one, got {args.bridge}')
     e1, e2 = args.phase1_epochs, args.phase2_epochs
-    if e1 < 0 or e2 < 0 or e1 + e2 > args.epochs:
-        raise UserError(f'--phase1_epochs {e1:g} and --phase2_epochs {e2:g} must be >= 0 and fit in --ep '
-                        f'{args.epochs} (phase 3 is the rest)')
-    if not 0 <= args.subnet_p_start <= 1:
-        raise UserError(f'--subnet_p_start must lie in [0, 1], got {args.subnet_p_start}')
+    if e1 + e2 > args.epochs:
+        raise UserError(f'--phase1_epochs {e1:g} and --phase2_epochs {e2:g} must fit in --ep {args.epochs} (phase 3 '
+                        f'is the rest)')
     return Supernet(SubnetSpec(args.subnet_depth, bridge, args.subnet_selection), e1, e2, args.subnet_p_start,
                     args.seed, iters_per_epoch, accum)

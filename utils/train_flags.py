@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from utils.amp import PRECISIONS, effective_precision, official_precision
-from utils.cli import UserError
+from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, UserError, finite_float, int_range
 from utils.dist import DEFAULT_TIMEOUT_MIN
 from utils.lr_sched import SCHEDULES
 from utils.training import DEFAULT_KEEP_LAST, DEFAULT_MAX_NONFINITE
@@ -18,16 +18,19 @@ log = logging.getLogger('viar')
 IMAGES_PER_BASE_LR = 256     # peak lr = ac * tblr * global batch / 256 (official)
 WARMUP_EPOCH_DIVISOR = 50    # --wp 0 means ep / 50 warmup epochs (official)
 AUTO_WORKERS_MAX = 8
+MAX_WORKERS = 256
+MAX_MID_RESO = 4.0          # --mid_reso: the resize before the crop, at most 4x the image size
+MAX_PATCH_SIDE = 256        # --pn: token-map sides
 
 
 def add_data_flags(p: argparse.ArgumentParser):
     d = p.add_argument_group('data')
     d.add_argument('--data_path', required=True, help='ImageFolder root: train/<class>/<image>, optional val/<class>/')
-    d.add_argument('--mid_reso', type=float, default=1.125, help='resize the shorter side to mid_reso x image size, '
-                                                                 'then crop')
+    d.add_argument('--mid_reso', type=finite_float(1, MAX_MID_RESO), default=1.125,
+                   help='resize the shorter side to mid_reso x image size, then crop')
     d.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False, help='random horizontal flips')
-    d.add_argument('--workers', type=int, default=-1, help='data workers per rank (0: main process; -1: '
-                                                           f'min({AUTO_WORKERS_MAX}, CPUs per rank))')
+    d.add_argument('--workers', type=int_range(-1, MAX_WORKERS), default=-1,
+                   help=f'data workers per rank (0: main process; -1: min({AUTO_WORKERS_MAX}, CPUs per rank))')
     d.add_argument('--skip_bad_images', action=argparse.BooleanOptionalAction, default=False,
                    help='log and skip unreadable images instead of stopping with an error')
     return d
@@ -40,35 +43,40 @@ def patch_nums_arg(value: str) -> tuple:
     """argparse type for the official --pn spelling: '1_2_3_4_6_8' (or '256' for the released scales)."""
     value = RELEASED_PATCH_NUMS if value == '256' else value
     try:
-        return tuple(int(v) for v in value.replace(',', '_').split('_'))
+        sides = tuple(int(v) for v in value.replace(',', '_').split('_'))
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected scale sides like 1_2_3_4_6_8, got {value!r}') from None
+    if not all(1 <= s <= MAX_PATCH_SIDE for s in sides):
+        raise argparse.ArgumentTypeError(f'scale sides must lie in [1, {MAX_PATCH_SIDE}], got {value!r}')
+    return sides
 
 
 def add_optim_flags(p: argparse.ArgumentParser, batch_size: int, epochs: int, base_lr: float, weight_decay: float,
                     betas, schedule: str, lr_end: float, grad_clip: float):
     """Optimisation flags; the defaults differ between the AR and the tokenizer recipes."""
     o = p.add_argument_group('optimisation')
-    o.add_argument('--batch_size', '--bs', type=int, default=batch_size,
+    o.add_argument('--batch_size', '--bs', type=POSITIVE, default=batch_size,
                    help='global batch: all ranks and accumulation steps together')
-    o.add_argument('--accum', '--ac', type=int, default=1, help='gradient accumulation steps')
-    o.add_argument('--epochs', '--ep', type=int, default=epochs)
-    o.add_argument('--base_lr', '--tblr', type=float, default=base_lr,
+    o.add_argument('--accum', '--ac', type=POSITIVE, default=1, help='gradient accumulation steps')
+    o.add_argument('--epochs', '--ep', type=POSITIVE, default=epochs)
+    o.add_argument('--base_lr', '--tblr', type=NON_NEGATIVE_FLOAT, default=base_lr,
                    help=f'lr per {IMAGES_PER_BASE_LR} images: peak lr = ac x tblr x global batch / '
                         f'{IMAGES_PER_BASE_LR}')
-    o.add_argument('--lr', '--tlr', type=float,
+    o.add_argument('--lr', '--tlr', type=NON_NEGATIVE_FLOAT,
                    help='the peak lr itself, instead of scaling --tblr by the batch (official --tlr)')
-    o.add_argument('--weight_decay', '--twd', type=float, default=weight_decay)
-    o.add_argument('--weight_decay_end', '--twde', type=float, help='weight decay at the end of its cosine ramp '
-                                                                    '(default, or 0 as in the official: --twd)')
-    o.add_argument('--grad_clip', '--tclip', type=float, default=grad_clip, help='max gradient norm (0: no clipping)')
-    o.add_argument('--warmup_epochs', '--wp', type=float, default=0.0,
+    o.add_argument('--weight_decay', '--twd', type=NON_NEGATIVE_FLOAT, default=weight_decay)
+    o.add_argument('--weight_decay_end', '--twde', type=NON_NEGATIVE_FLOAT,
+                   help='weight decay at the end of its cosine ramp (default, or 0 as in the official: --twd)')
+    o.add_argument('--grad_clip', '--tclip', type=NON_NEGATIVE_FLOAT, default=grad_clip,
+                   help='max gradient norm (0: no clipping)')
+    o.add_argument('--warmup_epochs', '--wp', type=NON_NEGATIVE_FLOAT, default=0.0,
                    help=f"0: epochs / {WARMUP_EPOCH_DIVISOR} (none for --sche const)")
-    o.add_argument('--warmup_start', '--wp0', type=float, default=0.005, help='lr factor when warmup starts')
-    o.add_argument('--lr_end', '--wpe', type=float, default=lr_end, help='lr factor at the last iteration')
+    o.add_argument('--warmup_start', '--wp0', type=NON_NEGATIVE_FLOAT, default=0.005,
+                   help='lr factor when warmup starts')
+    o.add_argument('--lr_end', '--wpe', type=NON_NEGATIVE_FLOAT, default=lr_end, help='lr factor at the last iteration')
     o.add_argument('--schedule', '--sche', choices=SCHEDULES, default=schedule,
                    help="lr schedule after warmup ('const': the peak lr throughout, e.g. for fine-tuning)")
-    o.add_argument('--betas', type=float, nargs=2, default=tuple(betas), help='AdamW betas')
+    o.add_argument('--betas', type=finite_float(0, 1, hi_open=True), nargs=2, default=tuple(betas), help='AdamW betas')
     o.add_argument('--precision', choices=PRECISIONS, default='fp32',
                    help='autocast precision: bf16 on CUDA or the CPU, fp16 (with GradScaler) on CUDA only '
                         '(fp16 on the CPU trains in fp32); saved in every checkpoint')
@@ -84,37 +92,29 @@ def add_run_flags(p: argparse.ArgumentParser, ckpt_prefix: str):
     r.add_argument('--out_dir', '--local_out_dir_path', default='local_output', help='checkpoints, logs, TensorBoard')
     r.add_argument('--resume', default='auto', help=f"'auto': continue from OUT_DIR/{ckpt_prefix}-ckpt-last.pth if "
                                                     f"present; 'none'; or a checkpoint path")
-    r.add_argument('--seed', type=int, default=0, help='seeds initialisation, data order and augmentation, dropout '
+    r.add_argument('--seed', type=SEED, default=0, help='seeds initialisation, data order and augmentation, dropout '
                                                        'and every other random draw')
-    r.add_argument('--save_freq', type=int, default=5, help='validate and save every N epochs (and at the end)')
-    r.add_argument('--save_steps', type=int, default=0, help='also save every N iterations (0: off)')
-    r.add_argument('--keep_last', type=int, default=DEFAULT_KEEP_LAST,
+    r.add_argument('--save_freq', type=POSITIVE, default=5, help='validate and save every N epochs (and at the end)')
+    r.add_argument('--save_steps', type=NON_NEGATIVE, default=0, help='also save every N iterations (0: off)')
+    r.add_argument('--keep_last', type=POSITIVE, default=DEFAULT_KEEP_LAST,
                    help=f'keep the newest K checkpoints ({ckpt_prefix}-ckpt-<iteration>.pth): --resume auto falls back '
                         f'to an older one when the newest does not load')
-    r.add_argument('--max_nonfinite', type=int, default=DEFAULT_MAX_NONFINITE,
+    r.add_argument('--max_nonfinite', type=POSITIVE, default=DEFAULT_MAX_NONFINITE,
                    help='stop after N consecutive iterations with a NaN/Inf loss (their optimizer steps are skipped)')
-    r.add_argument('--max_steps', type=int, default=0, help='stop (and save) after N iterations; the lr schedule '
-                                                            'still spans --ep epochs (0: off)')
-    r.add_argument('--log_freq', type=int, default=100, help='log every N iterations')
+    r.add_argument('--max_steps', type=NON_NEGATIVE, default=0,
+                   help='stop (and save) after N iterations; the lr schedule still spans --ep epochs (0: off)')
+    r.add_argument('--log_freq', type=POSITIVE, default=100, help='log every N iterations')
     r.add_argument('--progress', action=argparse.BooleanOptionalAction,
                    help='tqdm bar on rank 0 (default: when stderr is a terminal)')
     r.add_argument('--device', choices=('auto', 'cuda', 'cpu'), default='auto')
-    r.add_argument('--dist_timeout', type=float, default=DEFAULT_TIMEOUT_MIN,
+    r.add_argument('--dist_timeout', type=finite_float(0, lo_open=True), default=DEFAULT_TIMEOUT_MIN,
                    help='minutes a rank waits in a collective for the others before failing (a dead or hung rank '
                         'then ends the run instead of hanging it)')
     return r
 
 
 def check_flags(args):
-    for name in ('epochs', 'save_freq', 'log_freq', 'keep_last', 'max_nonfinite'):
-        if getattr(args, name) < 1:
-            raise UserError(f'--{name} must be >= 1')
-    if args.seed < 0:
-        raise UserError('--seed must be >= 0')
-    if not args.dist_timeout > 0:
-        raise UserError(f'--dist_timeout must be > 0 minutes, got {args.dist_timeout}')
-    if args.batch_size < 1 or args.accum < 1:
-        raise UserError(f'--bs ({args.batch_size}) and --ac ({args.accum}) must be >= 1')
+    """What the argparse types cannot see: flags that must agree with each other."""
     for name in ('save_steps', 'max_steps'):
         value = getattr(args, name)
         if value < 0 or value % args.accum:

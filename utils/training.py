@@ -21,8 +21,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils import dist
-from utils.checkpoint import CheckpointError, link_atomic, load_file, save_atomic
-from utils.cli import UserError, signal_exit_code
+from utils.checkpoint import CheckpointError, load_file, save_atomic
+from utils.cli import UserError, signal_exit_code, writable_dir
+from utils.fileio import link_atomic
 
 log = logging.getLogger('viar')
 
@@ -115,16 +116,9 @@ def restore_rng_states(states: Optional[List[Dict[str, Any]]], generators: Dict[
 # ---- output folder, checkpoint files, resume -----------------------------------------------------------------------
 def prepare_out_dir(path, is_main: bool) -> Path:
     """Create the output folder (rank 0) and make sure it is writable."""
-    path = Path(path)
     if is_main:
-        probe = path / '.write_test'
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe.write_text('ok')
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f'output folder {path} is not writable ({e.strerror or e})') from None
-    return path
+        writable_dir(path, '--out_dir')
+    return Path(path)
 
 
 class CheckpointFiles:
@@ -250,6 +244,7 @@ class StepResult:
 
 class Trainer(Protocol):
     """What `TrainLoop` needs from a model-specific trainer (train.py's ARTrainer, train_tokenizer.py's)."""
+    ckpt_kind: str                         # the 'kind' of its checkpoints: 'var' or 'vqvae'
     device: torch.device
     val_score: str                         # key of `evaluate`'s result that picks the best checkpoint (lower wins)
     tokens_per_image: Optional[int]
@@ -288,9 +283,7 @@ def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan)
                 raise
             log.warning('%s; falling back to an older checkpoint', e)
             continue
-        if not isinstance(ckpt, dict) or 'it' not in ckpt:
-            raise UserError(f'{path} is not a training checkpoint (no optimizer state or position); pass --resume none '
-                            f'to start fresh')
+        check_training_checkpoint(ckpt, path, trainer.ckpt_kind)
         check_resume_batch(ckpt, plan, path)
         trainer.load_checkpoint(ckpt, path)
         if ckpt['iters_per_epoch'] != plan.iters_per_epoch:
@@ -303,6 +296,42 @@ def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan)
         raise UserError(f'none of the {len(candidates)} checkpoint(s) in {files.out_dir} loads (see the warnings '
                         f'above); pass --resume PATH, or --resume none to start fresh')
     return 0, math.inf, None
+
+
+# What every training checkpoint holds (TrainLoop.save), with the types a resume relies on.
+TRAINING_KEYS = {'kind': str, 'config': dict, 'model': dict, 'amp': dict, 'it': int, 'epoch': int, 'epoch_it': int,
+                 'iters_per_epoch': int, 'best': (int, float), 'rng': list}
+BATCH_KEYS = {'micro_batch': int, 'accum': int, 'world': int}
+RNG_KEYS = ('torch', 'python', 'numpy')
+WRITERS = {'var': 'train.py', 'vqvae': 'train_tokenizer.py'}
+KIND_NAMES = {'var': 'transformer (VAR/VIAR)', 'vqvae': 'tokenizer (VQVAE)'}
+
+
+def check_training_checkpoint(ckpt: Any, path: Path, kind: str):
+    """A one-line error unless `ckpt` is a complete training checkpoint of `kind` written by TrainLoop.save."""
+    fresh = 'pass --resume none (or another --out_dir) to start fresh'
+    if not isinstance(ckpt, dict):
+        raise UserError(f'{path} holds a {type(ckpt).__name__}, not a training checkpoint; {fresh}')
+    other = ckpt.get('kind')
+    if other in WRITERS and other != kind:
+        hint = '--vae_ckpt' if kind == 'var' else '--init_from'
+        raise UserError(f'{path} is a {KIND_NAMES[other]} checkpoint from {WRITERS[other]}, not a {WRITERS[kind]} '
+                        f'checkpoint (to use it here, pass it as {hint}); {fresh}')
+    if 'it' not in ckpt:
+        raise UserError(f'{path} is not a training checkpoint (no optimizer state or position); {fresh}')
+    keys = {**TRAINING_KEYS, **(BATCH_KEYS if 'micro_batch' in ckpt else {})}  # older checkpoints lack BATCH_KEYS
+    missing = [k for k in keys if k not in ckpt]
+    if missing:
+        raise UserError(f'{path}: training checkpoint without {", ".join(missing)} (damaged or written by another '
+                        f'tool); {fresh}')
+    wrong = [f'{k} is a {type(ckpt[k]).__name__}' for k, t in keys.items()
+             if not isinstance(ckpt[k], t) or isinstance(ckpt[k], bool)]
+    if not wrong and not all(isinstance(s, dict) and all(k in s for k in RNG_KEYS) for s in ckpt['rng']):
+        wrong.append(f'rng is not a list of RNG states ({", ".join(RNG_KEYS)})')
+    if not wrong and not 0 <= ckpt['epoch_it'] <= ckpt['it']:
+        wrong.append(f'it {ckpt["it"]} and epoch_it {ckpt["epoch_it"]} do not fit')
+    if wrong:
+        raise UserError(f'{path}: malformed training checkpoint ({"; ".join(wrong)}); {fresh}')
 
 
 def check_resume_batch(ckpt: Dict[str, Any], plan, path: Path):
