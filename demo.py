@@ -1,6 +1,6 @@
 """The CPU demo, end to end on real data: Fashion-MNIST -> tokenizer -> VIAR -> samples -> FID / sFID / P / R.
 
-    bash scripts/demo.sh            # full demo (about 12 minutes on 2 CPU cores)
+    bash scripts/demo.sh            # full demo (about 15 minutes on 2 CPU cores)
     bash scripts/demo.sh --quick    # smoke run with tiny sizes (under 2 minutes)
 
 Every stage calls the project's own command-line tools (train_tokenizer.py, train.py, gen_img.py, sampling.py,
@@ -68,8 +68,8 @@ class DemoPlan:
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=800, val_per_class=100, floor_per_class=100, tokenizer_epochs=2, model_epochs=3,
-                batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=50)
+FULL = DemoPlan(train_per_class=650, val_per_class=100, floor_per_class=100, tokenizer_epochs=2, model_epochs=2,
+                batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=25)
 QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
                  batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
                  extra_train_args=('--depth', '2', '--embed_dim', '64', '--num_heads', '2'))

@@ -12,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 
 import demo
@@ -59,8 +60,13 @@ VARIANT_PAPER = ('VARiant paper (ImageNet 256, Table 2): VAR-d30 FID 1.95; its s
 
 
 def get_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--out', default='local_output/reproduction')
+    return demo_data_parser(__doc__.split('\n\n')[0], 'local_output/reproduction')
+
+
+def demo_data_parser(description: str, out: str) -> ArgumentParser:
+    """The flags of the benchmarks that train on the demo's data with the demo's plan."""
+    p = ArgumentParser(description=description)
+    p.add_argument('--out', default=out)
     p.add_argument('--data', default='data/fashion_mnist_demo')
     p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
     p.add_argument('--seed', type=int, default=0)
@@ -68,13 +74,18 @@ def get_parser() -> ArgumentParser:
     return p
 
 
-def main(args):
+def demo_setup(args) -> Tuple[demo.DemoPlan, Path, Path]:
+    """(plan, output folder, prepared data root) of a benchmark run on the demo's data."""
     setup_logging(0)
-    started = time.time()
     plan = demo.QUICK if args.quick else demo.FULL
-    out = Path(args.out)
     root = prepare(Path(args.data), size=demo.IMAGE_SIZE, raw_dir=args.raw_dir, per_class=plan.train_per_class,
                    val_per_class=plan.val_per_class)
+    return plan, Path(args.out), root
+
+
+def main(args):
+    started = time.time()
+    plan, out, root = demo_setup(args)
     vae_ckpt = demo.train_tokenizer_stage(root, out / 'tokenizer', plan, args.seed, args.quick)
     ckpts, train_s = {}, {}
     for preset in ('viar-demo', 'var-demo'):

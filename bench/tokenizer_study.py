@@ -15,9 +15,9 @@ from pathlib import Path
 import demo
 import train_tokenizer
 from bench.efficiency import machine, machine_line
+from bench.reproduction import demo_data_parser, demo_setup
 from utils.cli import ArgumentParser, main_entry
-from utils.fashion_mnist import prepare
-from utils.log import setup_logging
+from utils.fileio import write_json_atomic, write_text_atomic
 from utils.quality_report import quality_table
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -30,13 +30,7 @@ QUICK_CONFIGS = (('8x8 latent, quick', ('--preset', 'vae-demo-fmnist32'), 2),)
 
 
 def get_parser() -> ArgumentParser:
-    p = ArgumentParser(description=__doc__.split('\n\n')[0])
-    p.add_argument('--out', default='local_output/tokenizer_study')
-    p.add_argument('--data', default='data/fashion_mnist_demo')
-    p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--quick', action='store_true', help="the demo's quick plan: a smoke run, numbers meaningless")
-    return p
+    return demo_data_parser(__doc__.split('\n\n')[0], 'local_output/tokenizer_study')
 
 
 def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, flags, epochs: int, seed: int,
@@ -45,7 +39,7 @@ def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, fla
     marker = out / 'started.json'
     if not marker.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({'time': time.time()}))
+        write_json_atomic(marker, {'time': time.time()})
     started = json.loads(marker.read_text())['time']
     demo.call_cli(train_tokenizer, demo.common_train_args(root, plan, seed, quick) + [
         '--ep', str(epochs), '--tblr', str(plan.tokenizer_lr), '--l1_weight', '1.0', '--restart_every', '50',
@@ -55,12 +49,8 @@ def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, fla
 
 
 def main(args):
-    setup_logging(0)
     started = time.time()
-    plan = demo.QUICK if args.quick else demo.FULL
-    out = Path(args.out)
-    root = prepare(Path(args.data), size=demo.IMAGE_SIZE, raw_dir=args.raw_dir, per_class=plan.train_per_class,
-                   val_per_class=plan.val_per_class)
+    plan, out, root = demo_setup(args)
     reference, floor = demo.reference_npz(root, out), demo.floor_npz(root, out, plan.floor_per_class)
     sets, extra = {demo.FLOOR_ROW: floor}, {}
     train_images = json.loads((root / 'prepared.json').read_text())['counts']['train']
@@ -85,9 +75,8 @@ def main(args):
              *quality_table(metrics, demo.FLOOR_ROW, extra, ('training (s)', 'images seen')), '']
     results = out if args.quick else RESULTS
     results.mkdir(parents=True, exist_ok=True)
-    (results / 'tokenizer_study.json').write_text(json.dumps({'meta': meta, 'metrics': metrics, 'extra': extra},
-                                                             indent=1))
-    (results / 'tokenizer_study.md').write_text('\n'.join(lines))
+    write_json_atomic(results / 'tokenizer_study.json', {'meta': meta, 'metrics': metrics, 'extra': extra})
+    write_text_atomic(results / 'tokenizer_study.md', '\n'.join(lines))
     print(f'wrote {results / "tokenizer_study.md"}')
 
 
