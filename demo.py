@@ -245,11 +245,10 @@ def target_checks(metrics: Dict[str, dict], schedules: Sequence[str]) -> List[tu
 def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float], metrics: Dict[str, dict],
                  speed: Dict[str, dict], params: Dict[str, int], data_counts: dict, started: float):
     total = time.time() - started
-    extra = {s: {'iterations per scale': ','.join(map(str, v['iters_per_scale'])),
-                 'images/s': f'{v["images_per_s"]:.1f}', 'KV cache (MiB)': f'{v["kv_cache_MiB"]:.2f}'}
-             for s, v in speed.items()}
     rows = {(f'VIAR `{k}`' if k in speed else k): v for k, v in metrics.items()}
-    extra = {f'VIAR `{k}`': v for k, v in extra.items()}
+    extra = {f'VIAR `{s}`': {'iterations per scale': ','.join(map(str, v['iters_per_scale'])),
+                             'images/s': f'{v["images_per_s"]:.1f}', 'KV cache (MiB)': f'{v["kv_cache_MiB"]:.2f}'}
+             for s, v in speed.items()}
     n_ref = data_counts.get('val')
     lines = [f'# VIAR CPU demo{" (quick mode)" if quick else ""}', '',
              f'Fashion-MNIST at {IMAGE_SIZE}x{IMAGE_SIZE}: {data_counts.get("train")} training and {n_ref} validation '
