@@ -12,7 +12,7 @@ A batch is one of
   It stands in for the batch it was computed from, with the same Inception weights.
 
 The activations of an image batch are cached beside it (`<batch>.<weights>.stats.npz`) and reused while the cache
-is newer than the batch. Numerics follow REFERENCE.md §5.3; see utils/inception.py and utils/metrics.py.
+is newer than the batch. Numerics follow REFERENCE.md §5.3; see evaluation/inception.py and evaluation/metrics.py.
 """
 import argparse
 import logging
@@ -32,11 +32,11 @@ from utils.checkpoint import PathLike
 from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import atomic_write
 from utils.images import to_rgb
-from utils.inception import BACKENDS, DEFAULT_BACKEND, POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
+from evaluation.inception import BACKENDS, DEFAULT_BACKEND, POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
-from utils.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
+from evaluation.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
     precision_recall_hits
-from utils.uncertainty import standard_errors
+from evaluation.uncertainty import standard_errors
 
 log = logging.getLogger('viar')
 
@@ -424,7 +424,7 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     `is_shuffle_seed` seeds the shuffle before the IS splits (VIAR's evaluator shuffles unseeded); None: no shuffle.
     `fid_method`: 'scipy' (ADM's sqrtm) or 'eigh' (same value in exact arithmetic, much faster on a CPU).
     `resamples` > 0 adds bootstrap standard errors 'fid_se', 'sfid_se', 'precision_se', 'recall_se'
-    (utils/uncertainty.py); the sample batch must then hold images, not only statistics.
+    (evaluation/uncertainty.py); the sample batch must then hold images, not only statistics.
     `backend` runs Inception fused for speed ('fast'), as the plain architecture ('eager') or as the offline
     TorchScript file ('torchscript'); the features agree within 1e-5 relative.
     """

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
-from utils import dist, official
+from training import dist
+from utils import official
 from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import read_json_object, write_json_atomic
 from utils.hub import is_hub_reference

@@ -3,7 +3,7 @@
 One process, or many under torchrun (NCCL on CUDA, gloo on CPU); `scripts/train.sh` is the paper's 8-GPU launch.
 Checkpoints (`ar-ckpt-last.pth`, `ar-ckpt-best.pth`), `stdout.txt`, `log.txt` and TensorBoard go to --out_dir, and
 `--resume auto` (the default) continues from the last checkpoint. `--init_from` starts from trained weights;
-`--subnet_depth` trains a VARiant supernet (utils/supernet.py), e.g. fine-tuning a released VAR.
+`--subnet_depth` trains a VARiant supernet (training/supernet.py), e.g. fine-tuning a released VAR.
 """
 import argparse
 import logging
@@ -17,19 +17,20 @@ from torch.nn.parallel import DistributedDataParallel
 
 from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
 from models.subnet import SubnetSpec
-from utils import dist, official
-from utils.amp import AmpOptimizer
+from training import dist
+from utils import official
+from training.amp import AmpOptimizer
 from utils.checkpoint import load_state_dict_strict, unwrap
 from utils.cli import (ITERS, MAX_DEPTH, MAX_WIDTH, PROBABILITY, ArgumentParser, UserError, finite_float, int_range,
                        main_entry)
-from utils.data import build_datasets, build_loaders, build_token_cache
-from utils.loading import KIND_VAR, load_vae, model_checkpoint, read_var
+from training.data import build_datasets, build_loaders, build_token_cache
+from utils.model_checkpoints import KIND_VAR, load_vae, model_checkpoint, read_var
 from utils.log import MetricWriter, setup_logging
-from utils.lr_sched import Schedule, param_groups
-from utils.supernet import Supernet, add_supernet_flags, supernet_from_args
-from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
+from training.optim import Schedule, param_groups
+from training.supernet import Supernet, add_supernet_flags, supernet_from_args
+from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
                                derive_plan, patch_nums_arg)
-from utils.training import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
+from training.loop import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
                             prepare_out_dir, restore_rng_states, resume_training, seed_process)
 
 log = logging.getLogger('viar')

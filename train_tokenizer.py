@@ -21,18 +21,18 @@ from models import VQVAE_PRESETS, VQVAE, VQVAEConfig, build_vqvae, num_params
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.lpips import LPIPS, lpips_heads_state, vgg_features_state
 from models.quantizer import USAGE_MARGIN, MultiScaleQuantizer
-from utils import dist
-from utils.amp import AmpOptimizer
+from training import dist
+from training.amp import AmpOptimizer
 from utils.checkpoint import load_file, load_state_dict_strict, strip_wrapper_prefixes, unwrap
 from utils.cli import (MAX_DEPTH, MAX_VOCAB, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_FLOAT, ArgumentParser, UserError,
                        finite_float, int_range, main_entry, one_line)
-from utils.data import build_datasets, build_loaders
-from utils.loading import KIND_VQVAE, config_from, model_checkpoint, split_checkpoint
+from training.data import build_datasets, build_loaders
+from utils.model_checkpoints import KIND_VQVAE, config_from, model_checkpoint, split_checkpoint
 from utils.log import MetricWriter, setup_logging
-from utils.lr_sched import Schedule, param_groups
-from utils.train_flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
+from training.optim import Schedule, param_groups
+from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
                                derive_plan, patch_nums_arg)
-from utils.training import (STREAM_INIT, CheckpointFiles, StepResult, TrainLoop, mix_seed, prepare_out_dir,
+from training.loop import (STREAM_INIT, CheckpointFiles, StepResult, TrainLoop, mix_seed, prepare_out_dir,
                             restore_rng_states, resume_training, seed_process)
 
 log = logging.getLogger('viar')

@@ -15,7 +15,7 @@ from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import ConstantSchedule
 from utils.fileio import write_text_atomic
-from utils.loading import load_models
+from utils.model_checkpoints import load_models
 from utils.plots import write_trace
 
 RESULTS = Path(__file__).resolve().parent / 'results'

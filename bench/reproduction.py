@@ -25,7 +25,7 @@ from models.subnet import SubnetSpec
 from utils.cli import ArgumentParser, main_entry
 from utils.fashion_mnist import prepare
 from utils.fileio import write_text_atomic
-from utils.loading import load_models
+from utils.model_checkpoints import load_models
 from utils.log import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / 'results'

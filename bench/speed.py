@@ -29,9 +29,9 @@ from bench.measure import (PEAK_MATMUL_SIZE, count_flops, interleaved_timings, m
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
 from train import token_losses
-from utils.amp import AmpOptimizer
+from training.amp import AmpOptimizer
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.inception import load_offline_inception
+from evaluation.inception import load_offline_inception
 from utils.sample_args import autocast, sampling_mode
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'

@@ -54,7 +54,7 @@ def make_var(seed: int = 0, **kw):
 def save_tiny_checkpoints(folder: Path, **var_kw) -> Path:
     """folder/ar.pth (a tiny VIAR unless var_kw says otherwise) and folder/vae.pth, as train.py would save them."""
     from utils.checkpoint import save_atomic
-    from utils.loading import KIND_VAR, KIND_VQVAE, model_checkpoint
+    from utils.model_checkpoints import KIND_VAR, KIND_VQVAE, model_checkpoint
     var = make_var(**({'use_implicit': True, 'pre_depth': 1, 'post_depth': 1} if not var_kw else var_kw))
     vae = make_vae(patch_nums=var.patch_nums)
     save_atomic(model_checkpoint(KIND_VAR, var, vae_config=vae.config.to_dict()), folder / 'ar.pth')

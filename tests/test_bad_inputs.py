@@ -33,7 +33,7 @@ from tests.test_train import TINY_MODEL, TINY_RUN
 from tests.test_train_tokenizer import TINY_VAE
 from tests.train_helpers import make_image_folder, subprocess_env, tiny_tokenizer
 from utils.checkpoint import load_file, save_atomic
-from utils.loading import KIND_VAR, model_checkpoint
+from utils.model_checkpoints import KIND_VAR, model_checkpoint
 
 LOG_NAMES = ('stdout.txt', 'log.txt')   # logs a failing run may append to; everything else must stay as it was
 SENTINEL = b'an earlier result that must survive'
@@ -608,7 +608,7 @@ def test_symlinks_are_never_written_through(tool, p, forkserver, tmp_path):
 
 def test_image_folder_counts_each_file_once(p, tmp_path):
     """A link loop and a link to another class's image are walked once; a FIFO is skipped without blocking."""
-    from utils.data import build_datasets
+    from training.data import build_datasets
     root = tmp_path / 'data'
     shutil.copytree(p.images / 'train', root / 'train')
     (root / 'train' / 'class0' / 'loop').symlink_to('..')

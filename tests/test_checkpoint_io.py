@@ -92,7 +92,7 @@ def test_malicious_checkpoint_is_refused_and_runs_nothing(tmp_path):
         load_file(evil)
     assert not marker.exists()
     # The same payload under the official layout and through load_models is refused too.
-    from utils.loading import load_models
+    from utils.model_checkpoints import load_models
     with pytest.raises(CheckpointError, match='refused'):
         load_models(evil, evil)
     assert not marker.exists()

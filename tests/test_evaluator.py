@@ -16,10 +16,10 @@ import evaluator
 from evaluator import cache_path, evaluate, format_results, get_parser, load_stats, open_batch, save_stats
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
-from utils.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
+from evaluation.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
                              load_inception, load_offline_inception, preprocess, spatial_features,
                              state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
-from utils.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh, gaussian_stats,
+from evaluation.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh, gaussian_stats,
                            inception_score, manifold_radii, precision_recall)
 
 E2E_IMAGES = 40        # per batch; Inception runs at 3-7 images/s on 2 CPU cores

@@ -8,7 +8,7 @@ from PIL import Image
 import gen_img
 from utils.checkpoint import save_atomic
 from utils.cli import run
-from utils.loading import KIND_VAR, model_checkpoint
+from utils.model_checkpoints import KIND_VAR, model_checkpoint
 from tests.conftest import make_vae, make_var, save_tiny_checkpoints
 
 

@@ -4,7 +4,7 @@ import torch
 
 from utils.checkpoint import CheckpointError, save_atomic, save_safetensors
 from utils.cli import ArgumentParser, UserError, run
-from utils.loading import KIND_VAR, KIND_VQVAE, load_models, model_checkpoint
+from utils.model_checkpoints import KIND_VAR, KIND_VQVAE, load_models, model_checkpoint
 from tests.conftest import GOLDEN_DIR, make_vae, make_var
 
 

@@ -1,7 +1,7 @@
 """The quality table shared by the demo and the reproduction benchmark: floor row, standard errors, FID / floor."""
 import pytest
 
-from utils.quality_report import quality_table, target_lines
+from evaluation.quality_report import quality_table, target_lines
 
 
 def _row(fid, se=None, n=1000):

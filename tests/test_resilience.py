@@ -16,10 +16,10 @@ import train
 from tests.conftest import ROOT
 from tests.test_train import DETERMINISTIC, TINY_MODEL, TINY_RUN
 from tests.train_helpers import data_args, kill_tree, launch, load_weights, read_log, subprocess_env
-from utils.amp import AmpOptimizer
+from training.amp import AmpOptimizer
 from utils.checkpoint import load_file
 from utils.cli import run
-from utils.training import CheckpointFiles, StopSignal
+from training.loop import CheckpointFiles, StopSignal
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 

@@ -18,9 +18,9 @@ from tests.conftest import ROOT, make_var
 from tests.train_helpers import (SUBPROCESS_TIMEOUT, data_args, kill_tree, launch, load_weights, make_image_folder,
                                  read_log, run_cli, subprocess_env)
 from utils.cli import run
-from utils.data import build_datasets, build_transform
+from training.data import build_datasets, build_transform
 from utils.export import export
-from utils.loading import load_models, load_vae
+from utils.model_checkpoints import load_models, load_vae
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 

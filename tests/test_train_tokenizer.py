@@ -8,7 +8,7 @@ import train_tokenizer
 from models.lpips import LPIPS
 from tests.train_helpers import TINY_PATCH_NUMS, load_weights, make_image_folder, read_log, run_cli
 from utils.cli import run
-from utils.loading import load_vae
+from utils.model_checkpoints import load_vae
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 

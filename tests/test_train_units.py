@@ -12,11 +12,11 @@ from PIL import Image
 import train
 from tests.conftest import make_var
 from tests.train_helpers import make_image_folder
-from utils.amp import SCALER_MAX, AmpOptimizer
+from training.amp import SCALER_MAX, AmpOptimizer
 from utils.cli import ArgumentParser
-from utils.data import (BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb)
-from utils.lr_sched import Schedule, lr_factor, param_groups, weight_decay_at
-from utils.training import CheckpointFiles, mix_seed, rng_state, set_rng_state
+from training.data import (BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb)
+from training.optim import Schedule, lr_factor, param_groups, weight_decay_at
+from training.loop import CheckpointFiles, mix_seed, rng_state, set_rng_state
 
 
 # ---- schedules ------------------------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""Bootstrap standard errors of the metrics (utils/uncertainty.py) and their place in the evaluator's results."""
+"""Bootstrap standard errors of the metrics (evaluation/uncertainty.py) and their place in the evaluator's results."""
 import numpy as np
 import pytest
 
-from utils.metrics import frechet_distance, frechet_distance_eigh, gaussian_stats
-from utils.uncertainty import FrechetResampler, frechet_bootstrap, proportion_bootstrap, standard_errors
+from evaluation.metrics import frechet_distance, frechet_distance_eigh, gaussian_stats
+from evaluation.uncertainty import FrechetResampler, frechet_bootstrap, proportion_bootstrap, standard_errors
 
 
 def _acts(n, d, shift=0.0, seed=0):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.conftest import ROOT, make_vae
 from utils.checkpoint import save_atomic
-from utils.loading import KIND_VQVAE, model_checkpoint
+from utils.model_checkpoints import KIND_VQVAE, model_checkpoint
 
 TINY_PATCH_NUMS = (1, 2, 3, 8)   # 16px images through a 2x-downsampling tokenizer
 IMAGE_SIDE = 18                  # files are 18px; training resizes to 18 (1.125 x 16) and crops 16

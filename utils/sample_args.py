@@ -13,7 +13,7 @@ from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, PROBABILITY, UserError, finite_float
 from utils.hub import resolve_checkpoint
-from utils.loading import load_models
+from utils.model_checkpoints import load_models
 
 MAX_IDS = 10_000  # --seeds / --classes entries per run (gen_img keeps every image in memory)
 MAX_CFG = 1000.0  # far beyond any useful guidance; larger values overflow the logits

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.amp import PRECISIONS, effective_precision, official_precision
+from training.amp import PRECISIONS, effective_precision, official_precision
 from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, UserError, finite_float, int_range
-from utils.dist import DEFAULT_TIMEOUT_MIN
-from utils.lr_sched import SCHEDULES
-from utils.training import DEFAULT_KEEP_LAST, DEFAULT_MAX_NONFINITE
+from training.dist import DEFAULT_TIMEOUT_MIN
+from training.optim import SCHEDULES
+from training.loop import DEFAULT_KEEP_LAST, DEFAULT_MAX_NONFINITE
 
 log = logging.getLogger('viar')
 

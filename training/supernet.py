@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from models.subnet import SELECTIONS, SubnetSpec, subnet_probability
 from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, PROBABILITY, UserError
-from utils.training import STREAM_SUBNET, mix_seed
+from training.loop import STREAM_SUBNET, mix_seed
 
 log = logging.getLogger('viar')
 

@@ -20,7 +20,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils import dist
+from training import dist
 from utils.checkpoint import CheckpointError, load_file, save_atomic
 from utils.cli import UserError, signal_exit_code, writable_dir
 from utils.fileio import link_atomic
@@ -441,7 +441,7 @@ class TrainLoop:
     def run(self, start_it: int, best: float) -> int:
         """Train; returns the exit code: 0, or 128 + the signal number after a signal made it save and stop."""
         # With a progress bar, log lines are printed through tqdm so that they do not tear the bar.
-        from utils.data import stop_workers  # here: utils.data imports this module
+        from training.data import stop_workers  # here: training.data imports this module
         try:
             with logging_redirect_tqdm([logging.getLogger()]) if self.progress else contextlib.nullcontext(), \
                     StopSignal() as self.stop:

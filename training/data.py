@@ -28,7 +28,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from utils.cli import UserError, one_line
 from utils.fileio import create_new, finish_new, read_json_object, write_json_atomic
 from utils.images import to_rgb
-from utils.training import STREAM_DATA, mix_seed
+from training.loop import STREAM_DATA, mix_seed
 
 log = logging.getLogger('viar')
 

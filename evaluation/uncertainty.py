@@ -12,7 +12,7 @@ from typing import Dict
 
 import numpy as np
 
-from utils.metrics import GaussianStats
+from evaluation.metrics import GaussianStats
 
 DEFAULT_RESAMPLES = 100
 
