@@ -23,16 +23,16 @@ import gen_img
 import sampling
 import train
 import train_tokenizer
+from evaluation.inception import load_inception
+from evaluation.quality_report import quality_table, target_lines
 from models import num_params
 from utils.cli import SEED, ArgumentParser, UserError, main_entry, run, writable_dir
 from utils.fashion_mnist import CLASS_NAMES, DONE_FILE, prepare
 from utils.fileio import copy_atomic, read_json_object, write_json_atomic, write_text_atomic
 from utils.images import load_png_rgb, to_uint8_hwc, write_npz_stream
-from utils.model_checkpoints import load_models, load_vae
 from utils.log import setup_logging
-from evaluation.inception import load_inception
+from utils.model_checkpoints import load_models, load_vae
 from utils.plots import plot_training_curves
-from evaluation.quality_report import quality_table, target_lines
 
 log = logging.getLogger('viar')
 FLOOR_ROW = 'real training images (floor)'

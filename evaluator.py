@@ -28,15 +28,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from evaluation.inception import BACKENDS, DEFAULT_BACKEND, POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
+from evaluation.metrics import (FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score,
+                                precision_recall_hits)
+from evaluation.uncertainty import standard_errors
 from utils.checkpoint import PathLike
 from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range, main_entry, writable_dir
 from utils.fileio import atomic_write
 from utils.images import to_rgb
-from evaluation.inception import BACKENDS, DEFAULT_BACKEND, POOL_DIM, SPATIAL_DIM, InceptionFeatures, load_inception
 from utils.log import setup_logging
-from evaluation.metrics import FRECHET_METHODS, GaussianStats, class_probabilities, gaussian_stats, inception_score, \
-    precision_recall_hits
-from evaluation.uncertainty import standard_errors
 
 log = logging.getLogger('viar')
 

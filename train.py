@@ -18,20 +18,22 @@ from torch.nn.parallel import DistributedDataParallel
 from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
 from models.subnet import SubnetSpec
 from training import dist
-from utils import official
 from training.amp import AmpOptimizer
+from training.checkpoints import CheckpointFiles, prepare_out_dir, resume_training
+from training.data import build_datasets, build_loaders, build_token_cache
+from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
+                            derive_plan, patch_nums_arg)
+from training.loop import TrainLoop
+from training.optim import Schedule, param_groups
+from training.seeds import STREAM_INIT, STREAM_SJFB, mix_seed, restore_rng_states, seed_process
+from training.supernet import Supernet, add_supernet_flags, supernet_from_args
+from training.trainer import StepResult
+from utils import official
 from utils.checkpoint import load_state_dict_strict, unwrap
 from utils.cli import (ITERS, MAX_DEPTH, MAX_WIDTH, PROBABILITY, ArgumentParser, UserError, finite_float, int_range,
                        main_entry)
-from training.data import build_datasets, build_loaders, build_token_cache
-from utils.model_checkpoints import KIND_VAR, load_vae, model_checkpoint, read_var
 from utils.log import MetricWriter, setup_logging
-from training.optim import Schedule, param_groups
-from training.supernet import Supernet, add_supernet_flags, supernet_from_args
-from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
-                               derive_plan, patch_nums_arg)
-from training.loop import (STREAM_INIT, STREAM_SJFB, CheckpointFiles, StepResult, TrainLoop, mix_seed,
-                            prepare_out_dir, restore_rng_states, resume_training, seed_process)
+from utils.model_checkpoints import KIND_VAR, load_vae, model_checkpoint, read_var
 
 log = logging.getLogger('viar')
 

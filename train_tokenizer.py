@@ -23,17 +23,19 @@ from models.lpips import LPIPS, lpips_heads_state, vgg_features_state
 from models.quantizer import USAGE_MARGIN, MultiScaleQuantizer
 from training import dist
 from training.amp import AmpOptimizer
+from training.checkpoints import CheckpointFiles, prepare_out_dir, resume_training
+from training.data import build_datasets, build_loaders
+from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
+                            derive_plan, patch_nums_arg)
+from training.loop import TrainLoop
+from training.optim import Schedule, param_groups
+from training.seeds import STREAM_INIT, mix_seed, restore_rng_states, seed_process
+from training.trainer import StepResult
 from utils.checkpoint import load_file, load_state_dict_strict, strip_wrapper_prefixes, unwrap
 from utils.cli import (MAX_DEPTH, MAX_VOCAB, MAX_WIDTH, NON_NEGATIVE, NON_NEGATIVE_FLOAT, ArgumentParser, UserError,
                        finite_float, int_range, main_entry, one_line)
-from training.data import build_datasets, build_loaders
-from utils.model_checkpoints import KIND_VQVAE, config_from, model_checkpoint, split_checkpoint
 from utils.log import MetricWriter, setup_logging
-from training.optim import Schedule, param_groups
-from training.flags import (add_data_flags, add_optim_flags, add_run_flags, check_flags, configure_backends,
-                               derive_plan, patch_nums_arg)
-from training.loop import (STREAM_INIT, CheckpointFiles, StepResult, TrainLoop, mix_seed, prepare_out_dir,
-                            restore_rng_states, resume_training, seed_process)
+from utils.model_checkpoints import KIND_VQVAE, config_from, model_checkpoint, split_checkpoint
 
 log = logging.getLogger('viar')
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task
+from evaluation.inception import BACKENDS, INPUT_SIZE, FIDInceptionV3, load_offline_inception
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.fileio import write_text_atomic
-from evaluation.inception import BACKENDS, INPUT_SIZE, FIDInceptionV3, load_offline_inception
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 DTYPE = 'float32'                                    # the evaluator always runs Inception in float32

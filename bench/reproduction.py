@@ -25,8 +25,8 @@ from models.subnet import SubnetSpec
 from utils.cli import ArgumentParser, main_entry
 from utils.fashion_mnist import prepare
 from utils.fileio import write_text_atomic
-from utils.model_checkpoints import load_models
 from utils.log import setup_logging
+from utils.model_checkpoints import load_models
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 SUPERNET = 'varient-supernet'

@@ -16,9 +16,9 @@ import demo
 import train_tokenizer
 from bench.efficiency import machine, machine_line
 from bench.reproduction import demo_data_parser, demo_setup
+from evaluation.quality_report import quality_table
 from utils.cli import ArgumentParser, main_entry
 from utils.fileio import write_json_atomic, write_text_atomic
-from evaluation.quality_report import quality_table
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 # (label, train_tokenizer.py flags on top of the demo recipe, epochs)

@@ -26,11 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, make_var, save_tiny_checkpoints
 from tests.test_checkpoint_io import _CreatesFile
 from tests.test_fashion_mnist import _write_idx
 from tests.test_train import TINY_MODEL, TINY_RUN
 from tests.test_train_tokenizer import TINY_VAE
+from tests.tiny import ROOT, make_var, save_tiny_checkpoints
 from tests.train_helpers import make_image_folder, subprocess_env, tiny_tokenizer
 from utils.checkpoint import load_file, save_atomic
 from utils.model_checkpoints import KIND_VAR, model_checkpoint

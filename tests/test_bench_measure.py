@@ -3,13 +3,12 @@ import pytest
 import torch
 
 from bench import speed
-from bench.measure import (count_flops, interleaved_timings, kv_cache_bytes, saved_for_backward_bytes,
-                           sampling_flops)
+from bench.measure import count_flops, interleaved_timings, kv_cache_bytes, saved_for_backward_bytes, sampling_flops
 from models import VARConfig, build_var
 from models.sampler import autoregressive_infer_cfg
 from models.schedules import ListSchedule
 from models.subnet import SubnetSpec
-from tests.conftest import make_vae, make_var
+from tests.tiny import make_vae, make_var
 
 
 def test_flop_counter_against_hand_count():

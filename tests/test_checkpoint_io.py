@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.tiny import make_var
 from utils.checkpoint import CheckpointError, load_file, load_state_dict_strict, save_atomic, save_safetensors
-from tests.conftest import make_var
 
 
 class Payload:

@@ -5,8 +5,8 @@ import numpy as np
 from PIL import Image
 
 import demo
-from utils.cli import run
 from tests.test_fashion_mnist import _write_idx
+from utils.cli import run
 
 
 def test_quick_demo_end_to_end(tmp_path, monkeypatch):

@@ -14,13 +14,13 @@ from PIL import Image
 
 import evaluator
 from evaluator import cache_path, evaluate, format_results, get_parser, load_stats, open_batch, save_stats
+from evaluation.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS,
+                                  FIDInceptionV3, load_inception, load_offline_inception, preprocess, spatial_features,
+                                  state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
+from evaluation.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh,
+                                gaussian_stats, inception_score, manifold_radii, precision_recall)
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
-from evaluation.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS, FIDInceptionV3,
-                             load_inception, load_offline_inception, preprocess, spatial_features,
-                             state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
-from evaluation.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh, gaussian_stats,
-                           inception_score, manifold_radii, precision_recall)
 
 E2E_IMAGES = 40        # per batch; Inception runs at 3-7 images/s on 2 CPU cores
 E2E_SIZE = 32          # pixels; every image is resized to 299 anyway

@@ -6,10 +6,10 @@ import pytest
 from PIL import Image
 
 import gen_img
+from tests.tiny import make_vae, make_var, save_tiny_checkpoints
 from utils.checkpoint import save_atomic
 from utils.cli import run
 from utils.model_checkpoints import KIND_VAR, model_checkpoint
-from tests.conftest import make_vae, make_var, save_tiny_checkpoints
 
 
 @pytest.fixture(scope='module')

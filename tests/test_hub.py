@@ -8,7 +8,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 import gen_img
 import utils.hub as hub
-from tests.conftest import save_tiny_checkpoints
+from tests.tiny import save_tiny_checkpoints
 from utils.cli import UserError, run
 
 REPO, REVISION = 'Owner/VIAR-tiny', 'c0ffee' + '0' * 34

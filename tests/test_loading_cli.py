@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from tests.tiny import GOLDEN_DIR, make_vae, make_var
 from utils.checkpoint import CheckpointError, save_atomic, save_safetensors
 from utils.cli import ArgumentParser, UserError, run
 from utils.model_checkpoints import KIND_VAR, KIND_VQVAE, load_models, model_checkpoint
-from tests.conftest import GOLDEN_DIR, make_vae, make_var
 
 
 @pytest.fixture()

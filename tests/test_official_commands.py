@@ -21,13 +21,13 @@ from PIL import Image
 
 import evaluator
 import sampling
+from evaluation.metrics import FRECHET_METHODS
 from models.schedules import ConstantSchedule, LinearSchedule
 from models.subnet import SubnetSpec
-from tests.conftest import GOLDEN_DIR, ROOT
+from tests.tiny import GOLDEN_DIR, ROOT
+from training.flags import derive_plan
 from utils import official
 from utils.cli import ArgumentParser, UserError, run
-from evaluation.metrics import FRECHET_METHODS
-from training.flags import derive_plan
 
 README_SAMPLING = ('python sampling.py --ckpt_path ckpts/viar.pth --vae_ckpt ckpts/vae_ch160v4096z32.pth --cfg 1.5 '
                    '--depth 30 --sample_dir samples --use_implicit True --iter_left 10 --iter_right 10')

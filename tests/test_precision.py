@@ -12,7 +12,7 @@ import sampling
 import train
 import train_tokenizer
 from models.sampler import autoregressive_infer_cfg
-from tests.conftest import make_vae, make_var, save_tiny_checkpoints
+from tests.tiny import make_vae, make_var, save_tiny_checkpoints
 from tests.train_helpers import make_image_folder, read_log
 from utils.cli import run
 from utils.sample_args import autocast, sampling_mode

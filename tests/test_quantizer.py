@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from models import VQVAE, VQVAEConfig, build_vqvae
 from models.quantizer import MultiScaleQuantizer, phi_index
-from tests.conftest import make_vae
+from tests.tiny import make_vae
 from utils.checkpoint import load_state_dict_strict
 
 

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import train
-from tests.conftest import ROOT
 from tests.test_train import DETERMINISTIC, TINY_MODEL, TINY_RUN
+from tests.tiny import ROOT
 from tests.train_helpers import data_args, kill_tree, launch, load_weights, read_log, subprocess_env
 from training.amp import AmpOptimizer
+from training.checkpoints import CheckpointFiles
+from training.stopping import StopSignal
 from utils.checkpoint import load_file
 from utils.cli import run
-from training.loop import CheckpointFiles, StopSignal
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 

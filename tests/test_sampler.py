@@ -8,7 +8,7 @@ from models.sampler import (autoregressive_infer_cfg, compiled_trunk_step, image
                             make_edit_spec, resolve_schedule, top_k_top_p_filter_, zero_shot_edit)
 from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
                               allocate_budget, parse_schedule)
-from tests.conftest import make_vae, make_var
+from tests.tiny import make_vae, make_var
 
 
 def _model(**kw):

@@ -4,7 +4,7 @@ import torch
 
 from models.sampler import autoregressive_infer_cfg
 from models.subnet import SubnetSpec, equidistant_subnet, nested_subnet, subnet_probability
-from tests.conftest import make_vae, make_var
+from tests.tiny import make_vae, make_var
 
 HAND = {  # floor(i * 29 / (d - 1)), worked out by hand
     16: (0, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29),

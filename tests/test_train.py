@@ -14,11 +14,11 @@ import torch
 import train
 from bench.train_memory import fake_batch, saved_bytes
 from models import VQVAEConfig, build_var, num_params
-from tests.conftest import ROOT, make_var
+from tests.tiny import ROOT, make_var
 from tests.train_helpers import (SUBPROCESS_TIMEOUT, data_args, kill_tree, launch, load_weights, make_image_folder,
                                  read_log, run_cli, subprocess_env)
-from utils.cli import run
 from training.data import build_datasets, build_transform
+from utils.cli import run
 from utils.export import export
 from utils.model_checkpoints import load_models, load_vae
 

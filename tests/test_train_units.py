@@ -10,13 +10,14 @@ import torch
 from PIL import Image
 
 import train
-from tests.conftest import make_var
+from tests.tiny import make_var
 from tests.train_helpers import make_image_folder
 from training.amp import SCALER_MAX, AmpOptimizer
-from utils.cli import ArgumentParser
-from training.data import (BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb)
+from training.checkpoints import CheckpointFiles
+from training.data import BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb
 from training.optim import Schedule, lr_factor, param_groups, weight_decay_at
-from training.loop import CheckpointFiles, mix_seed, rng_state, set_rng_state
+from training.seeds import mix_seed, rng_state, set_rng_state
+from utils.cli import ArgumentParser
 
 
 # ---- schedules ------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 from models import VARConfig, build_var
 from models.fixed_point import FixedPointIteration, sjfb
 from models.schedules import ConstantSchedule, ListSchedule
-from tests.conftest import make_vae, make_var
+from tests.tiny import make_vae, make_var
 
 # Configurations covering the general case (the golden fixture is only one of them).
 VARIANTS = [

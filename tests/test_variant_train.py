@@ -10,10 +10,10 @@ import train
 from models import VARConfig, build_var
 from models.subnet import SubnetSpec
 from tests.train_helpers import data_args, load_weights, read_log, run_cli
+from training.supernet import Supernet, supernet_from_args
 from utils.checkpoint import save_atomic
 from utils.cli import run
 from utils.model_checkpoints import KIND_VAR, load_models, load_vae, model_checkpoint
-from training.supernet import Supernet, supernet_from_args
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 

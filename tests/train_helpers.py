@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, make_vae
+from tests.tiny import ROOT, make_vae
 from utils.checkpoint import save_atomic
 from utils.model_checkpoints import KIND_VQVAE, model_checkpoint
 

@@ -25,10 +25,10 @@ from torchvision import transforms as T
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from training.seeds import STREAM_DATA, mix_seed
 from utils.cli import UserError, one_line
 from utils.fileio import create_new, finish_new, read_json_object, write_json_atomic
 from utils.images import to_rgb
-from training.loop import STREAM_DATA, mix_seed
 
 log = logging.getLogger('viar')
 

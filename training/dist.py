@@ -1,5 +1,7 @@
-"""Distributed helpers: one process or many under torchrun (NCCL on CUDA, gloo on CPU)."""
+"""Distributed helpers: one process or many under torchrun (NCCL on CUDA, gloo on CPU), and the check that every
+rank holds bit-identical weights."""
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -99,3 +101,21 @@ def same_on_all_ranks(obj) -> bool:
 def destroy():
     if is_initialized():
         tdist.destroy_process_group()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 over the bytes of every parameter and buffer, in state-dict order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_replicas(*models: torch.nn.Module) -> str:
+    """The weights' digest, after checking that every rank holds bit-identical weights (raises if not)."""
+    digest = hashlib.sha256(''.join(weights_digest(m) for m in models).encode()).hexdigest()
+    digests = all_gather_object(digest)
+    if not all_equal(digests):
+        raise RuntimeError(f'ranks hold different weights: {[d[:12] for d in digests]}')
+    return digest

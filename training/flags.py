@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from training.amp import PRECISIONS, effective_precision, official_precision
-from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, UserError, finite_float, int_range
+from training.checkpoints import DEFAULT_KEEP_LAST
 from training.dist import DEFAULT_TIMEOUT_MIN
 from training.optim import SCHEDULES
-from training.loop import DEFAULT_KEEP_LAST, DEFAULT_MAX_NONFINITE
+from training.stopping import DEFAULT_MAX_NONFINITE
+from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, SEED, UserError, finite_float, int_range
 
 log = logging.getLogger('viar')
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from models.subnet import SELECTIONS, SubnetSpec, subnet_probability
+from training.seeds import STREAM_SUBNET, mix_seed
 from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, PROBABILITY, UserError
-from training.loop import STREAM_SUBNET, mix_seed
 
 log = logging.getLogger('viar')
 

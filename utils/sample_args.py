@@ -9,8 +9,8 @@ from models import VAR, VAR_PRESETS, VQVAE
 from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
 from models.sampler import compiled_trunk_step, resolve_schedule
-from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
+from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
 from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, PROBABILITY, UserError, finite_float
 from utils.hub import resolve_checkpoint
 from utils.model_checkpoints import load_models
