@@ -21,11 +21,10 @@ import torch
 import evaluator
 import gen_img
 import sampling
-import train
-import train_tokenizer
 from evaluation.inception import load_inception
 from evaluation.quality_report import quality_table, target_lines
 from models import num_params
+from training import train_cli, train_tokenizer_cli
 from utils.cli import SEED, ArgumentParser, UserError, main_entry, run, writable_dir
 from utils.fashion_mnist import CLASS_NAMES, DONE_FILE, prepare
 from utils.fileio import copy_atomic, read_json_object, write_json_atomic, write_text_atomic
@@ -125,7 +124,7 @@ def gan_args(plan: DemoPlan) -> List[str]:
 
 def train_tokenizer_stage(root: Path, tok_dir: Path, plan: DemoPlan, seed: int, quick: bool) -> Path:
     """train_tokenizer.py with the demo preset; returns the checkpoint (a finished run is reused)."""
-    call_cli(train_tokenizer, common_train_args(root, plan, seed, quick) + [
+    call_cli(train_tokenizer_cli, common_train_args(root, plan, seed, quick) + [
         '--preset', plan.tokenizer_preset, '--ep', str(plan.tokenizer_epochs), '--tblr', str(plan.tokenizer_lr),
         '--l1_weight', '1.0', '--restart_every', '50', '--out_dir', str(tok_dir), *gan_args(plan)],
         'tokenizer training')
@@ -135,7 +134,7 @@ def train_tokenizer_stage(root: Path, tok_dir: Path, plan: DemoPlan, seed: int, 
 def train_model_stage(root: Path, model_dir: Path, vae_ckpt: Path, plan: DemoPlan, seed: int, quick: bool,
                       preset: str, extra_args, token_cache: Path) -> Path:
     """train.py on the tokenizer's pyramids; returns the checkpoint (a finished run is reused)."""
-    call_cli(train, common_train_args(root, plan, seed, quick) + [
+    call_cli(train_cli, common_train_args(root, plan, seed, quick) + [
         '--vae_ckpt', str(vae_ckpt), '--preset', preset, '--ep', str(plan.model_epochs), '--tblr', str(plan.model_lr),
         '--token_cache', str(token_cache), '--out_dir', str(model_dir), *extra_args], f'{preset} training')
     return model_dir / 'ar-ckpt-last.pth'

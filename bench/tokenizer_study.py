@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import demo
-import train_tokenizer
 from bench.efficiency import machine, machine_line
 from bench.reproduction import demo_data_parser, demo_setup
 from evaluation.quality_report import quality_table
+from training import train_tokenizer_cli
 from utils.cli import ArgumentParser, main_entry
 from utils.fileio import write_json_atomic, write_text_atomic
 
@@ -41,7 +41,7 @@ def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, fla
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {'time': time.time()})
     started = json.loads(marker.read_text())['time']
-    demo.call_cli(train_tokenizer, demo.common_train_args(root, plan, seed, quick) + [
+    demo.call_cli(train_tokenizer_cli, demo.common_train_args(root, plan, seed, quick) + [
         '--ep', str(epochs), '--tblr', str(plan.tokenizer_lr), '--l1_weight', '1.0', '--restart_every', '50',
         '--keep_last', str(epochs), '--out_dir', str(out), *flags], 'tokenizer training')
     ckpts = sorted(out.glob('vae-ckpt-0*.pth'))

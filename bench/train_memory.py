@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from models import VAR_PRESETS, build_var, num_params
-from train import token_losses
+from training.ar_trainer import token_losses
 from utils.fileio import write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / 'results'

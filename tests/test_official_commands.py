@@ -242,8 +242,8 @@ TRAIN_SH = ('--data_path=/data/imagenet --depth=30 --bs=512 --ep=550 --tblr=8e-5
 
 
 def test_official_train_flags():
-    import train
-    parser = train.get_parser()
+    from training import train_cli
+    parser = train_cli.get_parser()
     for command in (OFFICIAL_TRAIN_ARGS, OFFICIAL_TRAIN_ARGS.replace('=', ' '), TRAIN_SH):
         args, unknown = parser.parse_known_args(shlex.split(command))
         assert unknown == [], unknown

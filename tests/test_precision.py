@@ -9,11 +9,10 @@ import torch
 
 import gen_img
 import sampling
-import train
-import train_tokenizer
 from models.sampler import autoregressive_infer_cfg
 from tests.tiny import make_vae, make_var, save_tiny_checkpoints
 from tests.train_helpers import make_image_folder, read_log
+from training import train_cli, train_tokenizer_cli
 from utils.cli import run
 from utils.sample_args import autocast, sampling_mode
 
@@ -86,14 +85,14 @@ def test_training_runs_in_bf16_and_fp32_on_the_cpu(data, images, tmp_path, preci
     out = tmp_path / 'ar'
     args = ['--data_path', str(image_dir), '--vae_ckpt', str(vae), '--out_dir', str(out), *TINY_AR,
             '--precision', precision]
-    assert run(train.main, train.get_parser(), args) == 0
+    assert run(train_cli.main, train_cli.get_parser(), args) == 0
     assert _saved_precision(out / 'ar-ckpt-last.pth') == precision
     losses = [r['train/L_mean'] for r in read_log(out) if 'train/L_mean' in r]
     assert losses and all(math.isfinite(x) for x in losses)
     assert f'| {precision} |' in (out / 'stdout.txt').read_text()     # the plan line logs it
     tok = tmp_path / 'tok'
     args = ['--data_path', str(images), '--out_dir', str(tok), *TINY_VAE, '--precision', precision]
-    assert run(train_tokenizer.main, train_tokenizer.get_parser(), args) == 0
+    assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(), args) == 0
     assert _saved_precision(tok / 'vae-ckpt-last.pth') == precision
     rec = [r['loss/rec_l2'] for r in read_log(tok) if 'loss/rec_l2' in r]
     assert rec and all(math.isfinite(x) for x in rec)
@@ -103,6 +102,6 @@ def test_fp16_training_on_the_cpu_says_it_runs_in_fp32(data, tmp_path):
     image_dir, vae = data
     out = tmp_path / 'ar'
     args = ['--data_path', str(image_dir), '--vae_ckpt', str(vae), '--out_dir', str(out), *TINY_AR, '--fp16', '1']
-    assert run(train.main, train.get_parser(), args) == 0
+    assert run(train_cli.main, train_cli.get_parser(), args) == 0
     assert '--precision fp16 needs CUDA (on the CPU use bf16): training in fp32' in (out / 'stdout.txt').read_text()
     assert _saved_precision(out / 'ar-ckpt-last.pth') == 'fp32'

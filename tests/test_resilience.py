@@ -12,10 +12,11 @@ from unittest import mock
 import pytest
 import torch
 
-import train
+from models import VARConfig, build_var
 from tests.test_train import DETERMINISTIC, TINY_MODEL, TINY_RUN
 from tests.tiny import ROOT
 from tests.train_helpers import data_args, kill_tree, launch, load_weights, read_log, subprocess_env
+from training import ar_trainer, train_cli
 from training.amp import AmpOptimizer
 from training.checkpoints import CheckpointFiles
 from training.stopping import StopSignal
@@ -214,12 +215,12 @@ def _alive(pid: int) -> bool:
 def test_resume_falls_back_past_a_corrupt_checkpoint(data, tmp_path, capsys):
     out = tmp_path / 'run'
     args = train_args(data, out, '--workers', '0', '--save_steps', '2')
-    assert run(train.main, train.get_parser(), [*args, '--max_steps', '6']) == 0
+    assert run(train_cli.main, train_cli.get_parser(), [*args, '--max_steps', '6']) == 0
     files = CheckpointFiles(out, 'ar')
     assert [i for i, _ in files.numbered()] == [4, 6] and files.last.samefile(files.at(6))
     six = files.at(6).read_bytes()
     files.at(6).write_bytes(six[:len(six) // 3])  # e.g. a copy cut short; `last` is the same file
-    assert run(train.main, train.get_parser(), [*args, '--max_steps', '8']) == 0
+    assert run(train_cli.main, train_cli.get_parser(), [*args, '--max_steps', '8']) == 0
     log = (out / 'stdout.txt').read_text()
     assert f'{files.at(6)}: truncated or corrupt checkpoint' in log and 'falling back to an older checkpoint' in log
     assert f'resumed from {files.at(4)} at iteration 4' in log
@@ -228,21 +229,21 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(data, tmp_path, capsys):
     for _, path in files.numbered():
         path.write_bytes(b'\x00' * 10)
     capsys.readouterr()
-    assert run(train.main, train.get_parser(), [*args, '--max_steps', '10']) == 2
+    assert run(train_cli.main, train_cli.get_parser(), [*args, '--max_steps', '10']) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'none of the 2 checkpoint(s)' in err and '--resume none' in err, err
 
 
 def _nan_on(iterations):
     """Patch ARTrainer.step so that the loss of the given (1-based) iterations is NaN."""
-    step, losses = train.ARTrainer.step, train.token_losses
+    step, losses = ar_trainer.ARTrainer.step, ar_trainer.token_losses
 
     def patched(self, it, batch, stepping, want_metrics):
         if it + 1 not in iterations:
             return step(self, it, batch, stepping, want_metrics)
-        with mock.patch.object(train, 'token_losses', lambda *a, **k: losses(*a, **k) * float('nan')):
+        with mock.patch.object(ar_trainer, 'token_losses', lambda *a, **k: losses(*a, **k) * float('nan')):
             return step(self, it, batch, stepping, want_metrics)
-    return mock.patch.object(train.ARTrainer, 'step', patched)
+    return mock.patch.object(ar_trainer.ARTrainer, 'step', patched)
 
 
 @pytest.mark.usefixtures('one_thread')
@@ -250,7 +251,7 @@ def test_nonfinite_losses_skip_steps_then_stop(data, tmp_path, capsys):
     args = ['--workers', '0', '--save_steps', '2', '--keep_last', '5', '--max_nonfinite', '3']
     out = tmp_path / 'transient'
     with _nan_on({3, 4}):
-        assert run(train.main, train.get_parser(), train_args(data, out, *args, '--max_steps', '6')) == 0
+        assert run(train_cli.main, train_cli.get_parser(), train_args(data, out, *args, '--max_steps', '6')) == 0
     files = CheckpointFiles(out, 'ar')
     weights = {i: load_file(p)['model'] for i, p in files.numbered()}
     assert all(torch.equal(weights[2][k], weights[4][k]) for k in weights[2])   # the skipped steps changed nothing
@@ -260,19 +261,19 @@ def test_nonfinite_losses_skip_steps_then_stop(data, tmp_path, capsys):
     assert '1 step(s) skipped (non-finite gradients)' in log
     assert [r['opt/skipped_steps'] for r in read_log(out) if 'opt/skipped_steps' in r][-1] == 2
     # The count lives in the checkpoint: a resumed run goes on from it (the curve does not drop back to 0).
-    assert run(train.main, train.get_parser(), train_args(data, out, *args, '--max_steps', '8')) == 0
+    assert run(train_cli.main, train_cli.get_parser(), train_args(data, out, *args, '--max_steps', '8')) == 0
     assert {r['opt/skipped_steps'] for r in read_log(out) if r.get('step', 0) > 6 and 'opt/skipped_steps' in r} == {2}
 
     out = tmp_path / 'persistent'
     capsys.readouterr()
     with _nan_on(set(range(5, 100))):
-        assert run(train.main, train.get_parser(), train_args(data, out, *args, '--max_steps', '12')) == 2
+        assert run(train_cli.main, train_cli.get_parser(), train_args(data, out, *args, '--max_steps', '12')) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'the loss is nan at iteration 5 and stayed non-finite for 3 iterations' in err
     last = load_file(CheckpointFiles(out, 'ar').last)
     good = load_file(CheckpointFiles(out, 'ar').at(4))['model']
     assert last['it'] == 6 and all(torch.equal(good[k], last['model'][k]) for k in good)
-    params = {name for name, _ in train.build_var(train.VARConfig.from_dict(last['config'])).named_parameters()}
+    params = {name for name, _ in build_var(VARConfig.from_dict(last['config'])).named_parameters()}
     assert all(torch.isfinite(last['model'][name]).all() for name in params)
 
 

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-import train
 from bench.train_memory import fake_batch, saved_bytes
 from models import VQVAEConfig, build_var, num_params
 from tests.tiny import ROOT, make_var
 from tests.train_helpers import (SUBPROCESS_TIMEOUT, data_args, kill_tree, launch, load_weights, make_image_folder,
                                  read_log, run_cli, subprocess_env)
+from training import train_cli
 from training.data import build_datasets, build_transform
+from training.flags import derive_plan
 from utils.cli import run
 from utils.export import export
 from utils.model_checkpoints import load_models, load_vae
@@ -51,7 +52,7 @@ def test_two_ranks_match_one_rank(data, tmp_path):
     assert len(losses) == 6 and np.mean(losses[-2:]) < np.mean(losses[:2]) - 0.3, losses
     one, two = load_weights(tmp_path / 'one' / 'ar-ckpt-last.pth'), load_weights(tmp_path / 'two' / 'ar-ckpt-last.pth')
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    start = train.build_var_config(train.get_parser().parse_args(train_args(data, tmp_path)), 3,
+    start = train_cli.build_var_config(train_cli.get_parser().parse_args(train_args(data, tmp_path)), 3,
                                    load_vae(data[1]).config)
     assert any((one[k] - v).abs().max() > 1e-3 for k, v in build_var(start).state_dict().items())  # it trained
 
@@ -107,27 +108,27 @@ def test_paper_command_builds_viar_770m():
                          check=True).stdout
     argv = shlex.split(cmd)
     assert '--nproc_per_node=8' in argv and '--nnodes=1' in argv
-    args = train.get_parser().parse_args(argv[argv.index('train.py') + 1:])
+    args = train_cli.get_parser().parse_args(argv[argv.index('train.py') + 1:])
     assert (args.batch_size, args.epochs, args.base_lr, args.precision) == (512, 550, 8e-5, 'fp16')
     assert (args.init_adaln_gamma, args.lr_end, args.weight_decay_end, args.use_implicit) == (1e-5, 0.01, 0.08, True)
-    config = train.build_var_config(args, 1000, VQVAEConfig())
+    config = train_cli.build_var_config(args, 1000, VQVAEConfig())
     assert (config.depth, config.pre_depth, config.post_depth, config.init_adaln_gamma) == (30, 5, 5, 1e-5)
     assert num_params(build_var(config, 'meta')) == PAPER_VIAR_PARAMS
     # REFERENCE section 4: 8 GPUs x 64 images, peak lr 1.6e-4, 2503 it/epoch, 11 warmup epochs.
-    plan = train.derive_plan(args, 8, IMAGENET_TRAIN_IMAGES, 'cuda')
+    plan = derive_plan(args, 8, IMAGENET_TRAIN_IMAGES, 'cuda')
     assert (plan.local_batch, plan.iters_per_epoch, plan.max_iters, plan.warmup_iters) == (64, 2503, 1_376_650,
                                                                                            27_533)
     assert plan.peak_lr == pytest.approx(1.6e-4) and plan.precision == 'fp16'
 
 
 def test_explicit_flags_build_the_paper_viar():
-    args = train.get_parser().parse_args(['--data_path', 'x', '--depth', '30', '--use_implicit', '--pre_depth', '5',
+    args = train_cli.get_parser().parse_args(['--data_path', 'x', '--depth', '30', '--use_implicit', '--pre_depth', '5',
                                           '--post_depth', '5'])
-    assert num_params(build_var(train.build_var_config(args, 1000, VQVAEConfig()), 'meta')) == PAPER_VIAR_PARAMS
+    assert num_params(build_var(train_cli.build_var_config(args, 1000, VQVAEConfig()), 'meta')) == PAPER_VIAR_PARAMS
     # A preset with a different depth re-derives width and heads; official bool spelling works.
-    args = train.get_parser().parse_args(['--data_path', 'x', '--preset', 'var-d16', '--depth', '20',
+    args = train_cli.get_parser().parse_args(['--data_path', 'x', '--preset', 'var-d16', '--depth', '20',
                                           '--use_implicit=False'])
-    config = train.build_var_config(args, 1000, VQVAEConfig())
+    config = train_cli.build_var_config(args, 1000, VQVAEConfig())
     assert (config.embed_dim, config.num_heads, config.use_implicit) == (1280, 20, False)
 
 
@@ -136,7 +137,7 @@ def test_token_cache_export_and_val(data, tmp_path, capsys):
     cache = tmp_path / 'cache'
     args = train_args(data, tmp_path / 'out', '--workers', '0', '--token_cache', str(cache), '--max_steps', '3',
                       '--ep', '1', '--save_freq', '1')
-    assert run(train.main, train.get_parser(), args) == 0
+    assert run(train_cli.main, train_cli.get_parser(), args) == 0
     # The cache holds the tokens of every training image's centre crop.
     meta = next(cache.glob('tokens-*.json'))
     cached, labels = np.load(meta.with_suffix('.npy')), np.load(meta.with_suffix('.labels.npy'))
@@ -148,7 +149,7 @@ def test_token_cache_export_and_val(data, tmp_path, capsys):
     log = (tmp_path / 'out' / 'stdout.txt').read_text()
     assert 'val after epoch 1' in log and (tmp_path / 'out' / 'ar-ckpt-best.pth').is_file()
     # Reused on the next run; the checkpoint alone rebuilds both models; export gives the released format.
-    assert run(train.main, train.get_parser(), [*args, '--out_dir', str(tmp_path / 'again')]) == 0
+    assert run(train_cli.main, train_cli.get_parser(), [*args, '--out_dir', str(tmp_path / 'again')]) == 0
     assert 'token cache: using' in (tmp_path / 'again' / 'stdout.txt').read_text()
     ckpt = tmp_path / 'out' / 'ar-ckpt-best.pth'
     vae2, var = load_models(ckpt, vae_path)
@@ -161,7 +162,7 @@ def test_token_cache_export_and_val(data, tmp_path, capsys):
 
 
 def _fails(args, capsys, match):
-    assert run(train.main, train.get_parser(), args) == 2
+    assert run(train_cli.main, train_cli.get_parser(), args) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and match in err, err
     return err
@@ -189,7 +190,7 @@ def test_one_line_errors(data, tmp_path, capsys):
     _fails([*train_args(data, tmp_path / 'nan'), '--workers', '0', '--tblr', '1e12', '--grad_clip', '0',
             '--max_steps', '6'], capsys, 'the loss is nan at iteration 2')
     # Resuming with flags that describe another model.
-    assert run(train.main, train.get_parser(), [*train_args(data, tmp_path / 'r'), '--workers', '0',
+    assert run(train_cli.main, train_cli.get_parser(), [*train_args(data, tmp_path / 'r'), '--workers', '0',
                                                 '--max_steps', '1']) == 0
     capsys.readouterr()
     _fails([*train_args(data, tmp_path / 'r'), '--workers', '0', '--max_steps', '2', '--p_depth', '2', '--depth', '3'],
@@ -208,5 +209,5 @@ def test_corrupt_image_is_named_or_skipped(data, tmp_path, capsys):
     assert '--skip_bad_images' in err
     # Its data worker ignores SIGTERM, so the failed run must have shut it down itself (else the exit would hang).
     assert not multiprocessing.active_children()
-    assert run(train.main, train.get_parser(), [*args, '--out_dir', str(tmp_path / 'b'), '--skip_bad_images']) == 0
+    assert run(train_cli.main, train_cli.get_parser(), [*args, '--out_dir', str(tmp_path / 'b'), '--skip_bad_images']) == 0
     assert f'cannot read image {bad}' in (tmp_path / 'b' / 'stdout.txt').read_text()

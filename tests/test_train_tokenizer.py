@@ -3,10 +3,9 @@ terms and dead-code restarts stay identical, exact resume, the released format, 
 import pytest
 import torch
 
-import train
-import train_tokenizer
 from models.lpips import LPIPS
 from tests.train_helpers import TINY_PATCH_NUMS, load_weights, make_image_folder, read_log, run_cli
+from training import train_cli, train_tokenizer_cli
 from utils.cli import run
 from utils.model_checkpoints import load_vae
 
@@ -32,7 +31,7 @@ def _args(images, out, *extra):
 def test_reconstruction_improves_and_codes_stay_used(images, tmp_path, capsys):
     out = tmp_path / 'out'
     args = _args(images, out, '--ep', '20', '--save_freq', '20', '--log_freq', '1', '--restart_every', '5')
-    assert run(train_tokenizer.main, train_tokenizer.get_parser(), args) == 0
+    assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(), args) == 0
     log = read_log(out)
     first = next(r['loss/rec_l2'] for r in log if 'loss/rec_l2' in r)
     val = next(r for r in log if 'val/rec_l2' in r)
@@ -48,12 +47,12 @@ def test_reconstruction_improves_and_codes_stay_used(images, tmp_path, capsys):
     ar = ['--data_path', str(images), '--out_dir', str(tmp_path / 'ar'), '--depth', '1', '--embed_dim', '64',
           '--num_heads', '1', '--bs', '8', '--workers', '0', '--max_steps', '1',
           '--vae_ckpt', str(out / 'vae-best.pth')]
-    assert run(train.main, train.get_parser(), ar) == 2
+    assert run(train_cli.main, train_cli.get_parser(), ar) == 2
     assert '--pn' in capsys.readouterr().err
-    assert run(train.main, train.get_parser(), [*ar, '--pn', '1_2_3_8']) == 0
+    assert run(train_cli.main, train_cli.get_parser(), [*ar, '--pn', '1_2_3_8']) == 0
     again = ['--data_path', str(images), '--out_dir', str(tmp_path / 'again'), '--init_from', str(out / 'vae-best.pth'),
              '--pn', '1_2_3_8', *TINY_RUN, '--max_steps', '1']
-    assert run(train_tokenizer.main, train_tokenizer.get_parser(), again) == 0
+    assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(), again) == 0
 
 
 def test_two_ranks_with_gan_lpips_and_restarts(images, tmp_path):
@@ -73,10 +72,10 @@ def test_two_ranks_with_gan_lpips_and_restarts(images, tmp_path):
 
 def test_resume_is_exact(images, tmp_path):
     common = [*GAN, '--ep', '30', '--log_freq', '1', '--restart_every', '3', '--dead_threshold', '0.5']
-    parser = train_tokenizer.get_parser()
-    assert run(train_tokenizer.main, parser, _args(images, tmp_path / 'a', *common, '--max_steps', '8')) == 0
-    assert run(train_tokenizer.main, parser, _args(images, tmp_path / 'b', *common, '--max_steps', '4')) == 0
-    assert run(train_tokenizer.main, parser, _args(images, tmp_path / 'b', *common, '--max_steps', '8')) == 0
+    parser = train_tokenizer_cli.get_parser()
+    assert run(train_tokenizer_cli.main, parser, _args(images, tmp_path / 'a', *common, '--max_steps', '8')) == 0
+    assert run(train_tokenizer_cli.main, parser, _args(images, tmp_path / 'b', *common, '--max_steps', '4')) == 0
+    assert run(train_tokenizer_cli.main, parser, _args(images, tmp_path / 'b', *common, '--max_steps', '8')) == 0
     a, b = (torch.load(p / 'vae-ckpt-last.pth', weights_only=True) for p in (tmp_path / 'a', tmp_path / 'b'))
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     assert all(torch.equal(a['disc'][k], b['disc'][k]) for k in a['disc']) and a['record_hit'] == b['record_hit']
@@ -85,9 +84,9 @@ def test_resume_is_exact(images, tmp_path):
 
 def test_missing_perceptual_weights_is_one_line(images, tmp_path, capsys):
     args = _args(images, tmp_path, '--lpips_weights', str(tmp_path / 'vgg16-397923af.pth'), '--max_steps', '1')
-    assert run(train_tokenizer.main, train_tokenizer.get_parser(), args) == 2
+    assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(), args) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'VGG16' in err and 'leave --lpips_weights out' in err
-    assert run(train_tokenizer.main, train_tokenizer.get_parser(),
+    assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(),
                _args(images, tmp_path, '--init_from', 'x.pth', '--max_steps', '1')) == 2
     assert '--init_from fixes the architecture' in capsys.readouterr().err

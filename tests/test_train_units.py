@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-import train
 from tests.tiny import make_var
 from tests.train_helpers import make_image_folder
+from training import train_cli
 from training.amp import SCALER_MAX, AmpOptimizer
 from training.checkpoints import CheckpointFiles
 from training.data import BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb
+from training.flags import derive_plan
 from training.optim import Schedule, lr_factor, param_groups, weight_decay_at
 from training.seeds import mix_seed, rng_state, set_rng_state
 from utils.cli import ArgumentParser
@@ -39,13 +40,13 @@ def test_lin0_schedule_closed_form():
 
 def test_constant_lr_and_absolute_peak_lr():
     # VARiant fine-tunes a trained VAR at a constant 1e-6 without warmup: --sche const --tlr 1e-6.
-    parse = lambda *a: train.get_parser().parse_args(['--data_path', 'x', *a])  # noqa: E731
-    plan = train.derive_plan(parse('--sche', 'const', '--tlr', '1e-6', '--bs', '1024', '--ep', '25'), 8, 10240,
+    parse = lambda *a: train_cli.get_parser().parse_args(['--data_path', 'x', *a])  # noqa: E731
+    plan = derive_plan(parse('--sche', 'const', '--tlr', '1e-6', '--bs', '1024', '--ep', '25'), 8, 10240,
                              'cpu')
     assert plan.peak_lr == 1e-6 and plan.warmup_iters == 0          # the paper's 1e-6, no warmup
     assert all(lr_factor(it, 0, plan.max_iters, 'const') == 1.0 for it in (0, 1, plan.max_iters - 1))
-    assert train.derive_plan(parse('--sche', 'const', '--wp', '1', '--ep', '25'), 1, 768, 'cpu').warmup_iters == 1
-    assert train.derive_plan(parse('--bs', '512'), 1, 512, 'cpu').peak_lr == pytest.approx(2e-4)  # tblr x 512/256
+    assert derive_plan(parse('--sche', 'const', '--wp', '1', '--ep', '25'), 1, 768, 'cpu').warmup_iters == 1
+    assert derive_plan(parse('--bs', '512'), 1, 512, 'cpu').peak_lr == pytest.approx(2e-4)  # tblr x 512/256
 
 
 def test_weight_decay_ramp_and_exclusions():

@@ -6,10 +6,10 @@ from logging.handlers import BufferingHandler
 import pytest
 import torch
 
-import train
 from models import VARConfig, build_var
 from models.subnet import SubnetSpec
 from tests.train_helpers import data_args, load_weights, read_log, run_cli
+from training import train_cli
 from training.supernet import Supernet, supernet_from_args
 from utils.checkpoint import save_atomic
 from utils.cli import run
@@ -94,7 +94,7 @@ def test_no_bridge_two_ranks_match_one_rank(data, tmp_path):
     # gradient (AdamW skips them) exactly as in one process.
     flags = [*SUPERNET, '--bridge', '0', '--cond_drop_rate', '0', '--drop_path_rate', '0']
     run_cli('train.py', train_args(data, tmp_path / 'two', *flags), nproc=2)
-    assert run(train.main, train.get_parser(), train_args(data, tmp_path / 'one', *flags)) == 0
+    assert run(train_cli.main, train_cli.get_parser(), train_args(data, tmp_path / 'one', *flags)) == 0
     assert 'DDP looks for unused parameters' in (tmp_path / 'two' / 'stdout.txt').read_text()
     draws = subnet_log(tmp_path / 'two')
     assert draws == subnet_log(tmp_path / 'one') and {f for _, _, f in draws} == {0.0, 1.0}
@@ -113,7 +113,7 @@ def test_no_bridge_two_ranks_match_one_rank(data, tmp_path):
 
 # ---- --init_from and errors (one process) ---------------------------------------------------------------------------
 def _fails(args, capsys, match):
-    assert run(train.main, train.get_parser(), args) == 2
+    assert run(train_cli.main, train_cli.get_parser(), args) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and match in err, err
 
@@ -133,7 +133,7 @@ def test_init_from_full_var(data, tmp_path, capsys):
             '--max_steps', '3', *SUPERNET, '--bridge', '1']
     for init in (ours, bare):
         out = tmp_path / f'from-{init.stem}'
-        assert run(train.main, train.get_parser(), [*tune, '--init_from', str(init), '--out_dir', str(out)]) == 0
+        assert run(train_cli.main, train_cli.get_parser(), [*tune, '--init_from', str(init), '--out_dir', str(out)]) == 0
         ckpt = torch.load(out / 'ar-ckpt-last.pth', weights_only=True)
         assert ckpt['it'] == 3 and ckpt['config']['depth'] == DEPTH
         assert {int(s['step']) for s in ckpt['amp']['optimizer']['state'].values()} == {3}
@@ -153,7 +153,7 @@ def test_init_from_full_var(data, tmp_path, capsys):
     _fails(resume, capsys, 'is a VARiant supernet checkpoint with depth=2 (flags: None)')
     _fails([*resume, *SUPERNET, '--bridge', '2'], capsys, 'bridge=1 (flags: 2)')
     plain = tmp_path / 'plain'
-    assert run(train.main, train.get_parser(), train_args(data, plain, '--max_steps', '1')) == 0
+    assert run(train_cli.main, train_cli.get_parser(), train_args(data, plain, '--max_steps', '1')) == 0
     capsys.readouterr()
     _fails(train_args(data, plain, *SUPERNET, '--bridge', '1', '--max_steps', '2'), capsys,
            'was trained without --subnet_depth; to train a supernet from it, pass --init_from')
@@ -169,6 +169,6 @@ def test_supernet_flag_errors(data, tmp_path, capsys):
     _fails(train_args(data, out, '--subnet_depth', '2', '--phase1_epochs', '1', '--phase2_epochs', '1.5'), capsys,
            'must fit in --ep 2')
     # The paper's bridge of 6 scales by default, at most all scales but the last.
-    args = train.get_parser().parse_args(['--data_path', 'x', '--subnet_depth', '16', '--ep', '25'])
+    args = train_cli.get_parser().parse_args(['--data_path', 'x', '--subnet_depth', '16', '--ep', '25'])
     assert supernet_from_args(args, False, 30, 10, 100, 1).spec == SubnetSpec(16, 6)
     assert supernet_from_args(args, False, 30, 4, 100, 1).spec == SubnetSpec(16, 3)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 DEFAULT_TIMEOUT_MIN = 30
 
@@ -119,3 +120,11 @@ def check_replicas(*models: torch.nn.Module) -> str:
     if not all_equal(digests):
         raise RuntimeError(f'ranks hold different weights: {[d[:12] for d in digests]}')
     return digest
+
+
+def wrap_ddp(module: torch.nn.Module, info: DistInfo, find_unused: bool = False) -> torch.nn.Module:
+    """`module` in DistributedDataParallel when this is a multi-process run, else `module` itself."""
+    if not info.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
+                                   find_unused_parameters=find_unused, forward_sync_buffers=False)

@@ -1,27 +1,45 @@
-"""The epoch/step loop shared by the training CLIs: logging, validation, checkpoints, and the stops."""
+"""The epoch/step loop shared by the training CLIs (logging, validation, checkpoints, the stops), and the start of
+a training run."""
 import contextlib
 import logging
 import math
 import resource
 import signal
+import sys
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from training.checkpoints import CheckpointFiles
+from training import dist
+from training.checkpoints import CheckpointFiles, prepare_out_dir
 from training.data import stop_workers
 from training.dist import check_replicas
+from training.flags import check_flags, configure_backends
 from training.seeds import gather_rng_states
 from training.stopping import DEFAULT_MAX_NONFINITE, NonFiniteGuard, StopSignal
 from training.trainer import StepResult, Trainer
 from utils.cli import signal_exit_code
+from utils.log import setup_logging
 
 log = logging.getLogger('viar')
 
 GiB = 2 ** 30
+
+
+def start_run(args) -> Tuple[dist.DistInfo, Path]:
+    """What every training CLI does first: join the process group, create --out_dir, log (rank 0) to its
+    stdout.txt, record the command, check the flags and set the matmul backends. Returns (dist info, out_dir)."""
+    info = dist.init_distributed(args.device, args.dist_timeout)
+    out_dir = prepare_out_dir(args.out_dir, info.is_main)
+    setup_logging(info.rank, out_dir / 'stdout.txt')
+    log.info('command: %s', ' '.join(sys.argv))
+    check_flags(args)
+    configure_backends(args.tf32, info.device)
+    return info, out_dir
 
 
 def memory_gib(device: torch.device) -> float:
