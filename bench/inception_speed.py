@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task
-from evaluation.inception import BACKENDS, INPUT_SIZE, FIDInceptionV3, load_offline_inception
+from evaluation.inception import INPUT_SIZE, FIDInceptionV3
+from evaluation.inception_weights import BACKENDS, load_offline_inception
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.fileio import write_text_atomic
 

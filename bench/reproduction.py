@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Tuple
 
 
-import demo
-import evaluator
 from bench.efficiency import machine, machine_line
 from bench.measure import sampling_flops
+from evaluation.evaluate import evaluate
 from models import num_params
 from models.schedules import ListSchedule
 from models.subnet import SubnetSpec
+from pipelines import demo
 from utils.cli import ArgumentParser, main_entry
 from utils.fashion_mnist import prepare
 from utils.fileio import write_text_atomic
@@ -111,7 +111,7 @@ def main(args):
             extra += ('--subnet_depth', str(subnet.depth), '--bridge', str(subnet.bridge))
         npz = demo.sample_set(ckpts[model], vae_ckpt, plan, sched, out / 'samples', args.seed, extra_args=extra,
                               name=label.replace(' ', '_').replace(':', '').replace(',', '-'))
-        m = evaluator.evaluate(ref, npz, device='cpu', fid_method='eigh')
+        m = evaluate(ref, npz, device='cpu', fid_method='eigh')
         speed = demo.measure_speed(ckpts[model], vae_ckpt, sched, plan.cfg, n=10 if args.quick else 50,
                                    kv_policy=policy, subnet=subnet)
         vae, var = load_models(ckpts[model], vae_ckpt, device='meta')

@@ -25,13 +25,13 @@ import torch
 from bench.efficiency import build_case
 from bench.inception_speed import inception_flops_per_image, load_average, machine_info
 from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task, sampling_flops
-from evaluation.inception import load_offline_inception
+from evaluation.inception_weights import load_offline_inception
+from generation.model_flags import autocast, sampling_mode
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
 from training.amp import AmpOptimizer
 from training.ar_trainer import token_losses
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.sample_args import autocast, sampling_mode
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}

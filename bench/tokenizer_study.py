@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import demo
 from bench.efficiency import machine, machine_line
 from bench.reproduction import demo_data_parser, demo_setup
 from evaluation.quality_report import quality_table
+from pipelines import demo
 from training import train_tokenizer_cli
 from utils.cli import ArgumentParser, main_entry
 from utils.fileio import write_json_atomic, write_text_atomic

@@ -1,6 +1,6 @@
 """The metric math of OpenAI's ADM evaluator: Fréchet distance, Inception Score, improved precision/recall (k = 3).
 
-Each function keeps ADM's numerics (see REFERENCE.md §5.3): float32 activations, float64 covariances, scipy's sqrtm
+Each function keeps the numerics of ADM's TensorFlow evaluator: float32 activations, float64 covariances, scipy's sqrtm
 with the same fallbacks, float32 softmax, and squared distances computed from float16 inputs.
 Shape suffixes: N/M points, D feature width, K classes.
 """

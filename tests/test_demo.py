@@ -4,7 +4,7 @@ import json
 import numpy as np
 from PIL import Image
 
-import demo
+from pipelines import demo
 from tests.test_fashion_mnist import _write_idx
 from utils.cli import run
 

@@ -12,13 +12,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluator
-from evaluator import cache_path, evaluate, format_results, get_parser, load_stats, open_batch, save_stats
-from evaluation.inception import (NO_LOGITS_REASON, NUM_CLASSES, POOL_DIM, SPATIAL_DIM, TORCHSCRIPT_LAYERS,
-                                  FIDInceptionV3, load_inception, load_offline_inception, preprocess, spatial_features,
-                                  state_dict_from_torchscript, tf1_resize_bilinear, torchscript_path)
-from evaluation.metrics import (GaussianStats, class_probabilities, frechet_distance, frechet_distance_eigh,
-                                gaussian_stats, inception_score, manifold_radii, precision_recall)
+from evaluation import evaluator_cli
+from evaluation.batches import open_batch
+from evaluation.evaluate import evaluate, format_results
+from evaluation.evaluator_cli import get_parser
+from evaluation.inception import (NUM_CLASSES, POOL_DIM, SPATIAL_DIM, FIDInceptionV3, preprocess, spatial_features,
+                                  tf1_resize_bilinear)
+from evaluation.inception_weights import (TORCHSCRIPT_LAYERS, NO_LOGITS_REASON, load_inception, load_offline_inception,
+                                          state_dict_from_torchscript, torchscript_path)
+from evaluation.metrics import (FRECHET_METHODS, GaussianStats, class_probabilities, frechet_distance,
+                                frechet_distance_eigh, gaussian_stats, inception_score, manifold_radii,
+                                precision_recall)
+from evaluation.stats import batch_stats, cache_path, load_stats, prepared_batches, save_stats
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 
@@ -97,8 +102,8 @@ def e2e(tmp_path_factory, offline):
     np.savez(sample, arr_0=make_images(E2E_IMAGES, seed=1, noise=0.5))
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
-        code = run(evaluator.main, get_parser(), [str(ref), str(sample), '--device', 'cpu', '--batch-size',
+        mp.setitem(FRECHET_METHODS, 'scipy', low_rank_frechet)
+        code = run(evaluator_cli.main, get_parser(), [str(ref), str(sample), '--device', 'cpu', '--batch-size',
                                                   str(E2E_IMAGES), '--no-progress'])
     return {'code': code, 'stdout': out.getvalue(), 'ref': ref, 'sample': sample, 'root': root}
 
@@ -370,11 +375,11 @@ class RecordingNetwork:
 def test_batches_are_prepared_ahead_in_order_and_errors_surface():
     batches = [np.full((n, 2, 2, 3), n, np.uint8) for n in (3, 1, 2)]
     network = RecordingNetwork()
-    got = list(evaluator.prepared_batches(ListImages(batches), network, batch_size=3))
+    got = list(prepared_batches(ListImages(batches), network, batch_size=3))
     assert [size for size, _ in got] == [3, 1, 2]
     assert all(torch.equal(x, torch.as_tensor(b).float()) for (_, x), b in zip(got, batches))
     assert network.threads and all(name.startswith('inception-prefetch') for name in network.threads)
-    failing = evaluator.prepared_batches(ListImages(batches[:1], UserError('truncated arr_0')), network, 3)
+    failing = prepared_batches(ListImages(batches[:1], UserError('truncated arr_0')), network, 3)
     assert next(failing)[0] == 3
     with pytest.raises(UserError, match='truncated'):
         next(failing)
@@ -446,7 +451,7 @@ def test_malformed_npz_gets_one_clear_line(tmp_path, capsys, arrays, message):
     np.savez(bad, **arrays)
     with pytest.raises(UserError, match=message):
         open_batch(bad)
-    assert run(evaluator.main, get_parser(), [str(bad), str(bad)]) == 2
+    assert run(evaluator_cli.main, get_parser(), [str(bad), str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'bad.npz' in err
 
@@ -471,7 +476,7 @@ def test_cli_usage_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         cases.append(([str(good), str(good), '--device', 'cuda'], 'CUDA is not available'))
     for argv, message in cases:
-        assert run(evaluator.main, get_parser(), argv + ['--no-progress']) == 2
+        assert run(evaluator_cli.main, get_parser(), argv + ['--no-progress']) == 2
         err = capsys.readouterr().err
         assert err.count('\n') == 1 and message in err, (argv, err)
 
@@ -525,7 +530,7 @@ def test_end_to_end_cli_on_two_npz_files(e2e):
 
 
 def test_same_set_scores_zero_fid_and_full_precision_recall_from_the_cache(e2e, offline, monkeypatch):
-    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
+    monkeypatch.setitem(FRECHET_METHODS, 'scipy', low_rank_frechet)
     results = evaluate(e2e['ref'], e2e['ref'], network=NoForward(offline.weights_id), progress=False)
     assert abs(results['fid']) < 1e-6 * POOL_DIM and abs(results['sfid']) < 1e-6 * SPATIAL_DIM
     assert results['precision'] == 1.0 and results['recall'] == 1.0
@@ -539,17 +544,17 @@ def test_cache_is_keyed_by_weights_and_invalidated_by_a_newer_batch(e2e, offline
     stats = load_stats(cached)
     save_stats(stats, cache_path(ref, offline.weights_id))
     batch = open_batch(ref)
-    assert np.array_equal(evaluator.batch_stats(batch, NoForward(offline.weights_id)).pool_ND, stats.pool_ND)
+    assert np.array_equal(batch_stats(batch, NoForward(offline.weights_id)).pool_ND, stats.pool_ND)
     other_weights = 'pytorch-fid-' + '0' * 64
     assert cache_path(ref, other_weights) != cache_path(ref, offline.weights_id)
     with pytest.raises(ForwardCalled):
-        evaluator.batch_stats(batch, NoForward(other_weights))
+        batch_stats(batch, NoForward(other_weights))
     newer = cache_path(ref, offline.weights_id).stat().st_mtime_ns + 10**9
     os.utime(ref, ns=(newer, newer))
     with pytest.raises(ForwardCalled):
-        evaluator.batch_stats(batch, NoForward(offline.weights_id))
+        batch_stats(batch, NoForward(offline.weights_id))
     with pytest.raises(ForwardCalled):
-        evaluator.batch_stats(open_batch(e2e['ref']), NoForward(offline.weights_id), cache=False)
+        batch_stats(open_batch(e2e['ref']), NoForward(offline.weights_id), cache=False)
 
 
 def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
@@ -559,7 +564,7 @@ def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
     for i, image in enumerate(images):
         Image.fromarray(image).save(folder / f'{i:06d}.png')
     out = tmp_path / 'ref_stats.npz'
-    assert run(evaluator.main, get_parser(), [str(folder), '--save-stats', str(out), '--no-progress']) == 0
+    assert run(evaluator_cli.main, get_parser(), [str(folder), '--save-stats', str(out), '--no-progress']) == 0
     stats = load_stats(out)
     ref_pool = load_stats(cache_path(e2e['ref'], offline.weights_id)).pool_ND
     assert stats.weights_id == offline.weights_id and stats.sfid.mu.shape == (SPATIAL_DIM,)
@@ -567,14 +572,14 @@ def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
     assert not list(tmp_path.glob('pngs.*.stats.npz'))      # --save-stats writes only its output
     # A stats file stands in for its batch; with other weights it is refused.
     assert open_batch(out).images is None
-    assert np.array_equal(evaluator.batch_stats(open_batch(out), NoForward(offline.weights_id)).pool_ND,
+    assert np.array_equal(batch_stats(open_batch(out), NoForward(offline.weights_id)).pool_ND,
                           stats.pool_ND)
     with pytest.raises(UserError, match='computed with Inception weights'):
-        evaluator.batch_stats(open_batch(out), NoForward('pytorch-fid-' + '0' * 64))
+        batch_stats(open_batch(out), NoForward('pytorch-fid-' + '0' * 64))
 
 
 def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp_path, monkeypatch):
-    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
+    monkeypatch.setitem(FRECHET_METHODS, 'scipy', low_rank_frechet)
     full = load_stats(cache_path(e2e['ref'], offline.weights_id))
     ref = tmp_path / 'ref_with_stats.npz'
     np.savez(ref, arr_0=np.load(e2e['ref'])['arr_0'][:PNG_IMAGES], mu=full.fid.mu + 1.0, sigma=full.fid.sigma,
@@ -590,7 +595,7 @@ def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp
 
 
 def test_inception_score_with_logits(random_network, tmp_path, monkeypatch):
-    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
+    monkeypatch.setitem(FRECHET_METHODS, 'scipy', low_rank_frechet)
     np.savez(tmp_path / 'ref.npz', arr_0=make_images(IS_IMAGES, seed=2, noise=0.0))
     np.savez(tmp_path / 'sample.npz', arr_0=make_images(IS_IMAGES, seed=3, noise=0.3))
     network = random_network
@@ -612,7 +617,7 @@ def test_eigh_method_matches_scipy_on_a_full_rank_and_a_singular_pair():
 
 
 def test_bootstrap_adds_standard_errors_and_keeps_the_numbers(e2e, offline, tmp_path, monkeypatch):
-    monkeypatch.setitem(evaluator.FRECHET_METHODS, 'scipy', low_rank_frechet)
+    monkeypatch.setitem(FRECHET_METHODS, 'scipy', low_rank_frechet)
     sample = tmp_path / 'sample.npz'
     sample.write_bytes(e2e['sample'].read_bytes())
     plain = evaluate(e2e['ref'], sample, network=offline, progress=False)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import gen_img
+from generation import gen_img_cli
 from tests.tiny import make_vae, make_var, save_tiny_checkpoints
 from utils.checkpoint import save_atomic
 from utils.cli import run
@@ -19,7 +19,7 @@ def ckpt_args(tmp_path_factory):
 
 
 def test_grid_and_trace(ckpt_args, tmp_path):
-    rc = run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--classes', '0,3', '--seeds', '5-7', '--save_grid',
+    rc = run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--classes', '0,3', '--seeds', '5-7', '--save_grid',
                                                              '--trace', '--out_dir', str(tmp_path)])
     assert rc == 0
     assert len(list(tmp_path.glob('class*_seed*.png'))) == 6
@@ -33,7 +33,7 @@ def test_grid_and_trace(ckpt_args, tmp_path):
 
 def test_same_seed_same_image_across_invocations(ckpt_args, tmp_path):
     for sub, classes in (('a', '3'), ('b', '0,3')):
-        run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--classes', classes, '--seeds', '7',
+        run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--classes', classes, '--seeds', '7',
                                                              '--out_dir', str(tmp_path / sub)])
     a, b = (np.asarray(Image.open(tmp_path / s / 'class3_seed7.png')) for s in 'ab')
     assert np.array_equal(a, b)
@@ -43,7 +43,7 @@ def test_inpainting_from_box(ckpt_args, tmp_path):
     src = tmp_path / 'src.png'
     Image.fromarray((np.random.default_rng(0).random((12, 10, 3)) * 255).astype(np.uint8)).save(src)
     out = tmp_path / 'out'
-    rc = run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--edit_image', str(src), '--box', '0,0,0.5,0.5',
+    rc = run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--edit_image', str(src), '--box', '0,0,0.5,0.5',
                                                              '--seeds', '0-1', '--out_dir', str(out)])
     assert rc == 0
     assert {p.name for p in out.iterdir()} == {'source.png', 'source_kept.png', 'edit5_seed0.png',
@@ -59,7 +59,7 @@ def test_inpainting_from_box(ckpt_args, tmp_path):
     (['--seeds', 'a-b'], 'seeds'),
 ])
 def test_errors(ckpt_args, tmp_path, capsys, extra, message):
-    rc = run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--out_dir', str(tmp_path)] + extra)
+    rc = run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--out_dir', str(tmp_path)] + extra)
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count('\n') == 1, err
 
@@ -72,12 +72,12 @@ def test_subnet_flags(ckpt_args, tmp_path, capsys):
             '--top_k', '10']
     out = {}
     for d in ('4', '2'):
-        assert run(gen_img.main, gen_img.get_parser(), base + ['--subnet_depth', d, '--bridge', '2', '--out_dir',
+        assert run(gen_img_cli.main, gen_img_cli.get_parser(), base + ['--subnet_depth', d, '--bridge', '2', '--out_dir',
                                                                str(tmp_path / d)]) == 0
         out[d] = np.asarray(Image.open(tmp_path / d / 'class1_seed0.png'))
     assert out['4'].shape == out['2'].shape == (8, 8, 3)
-    assert run(gen_img.main, gen_img.get_parser(), base + ['--subnet_depth', '9', '--out_dir', str(tmp_path)]) == 2
+    assert run(gen_img_cli.main, gen_img_cli.get_parser(), base + ['--subnet_depth', '9', '--out_dir', str(tmp_path)]) == 2
     assert 'subnet_depth must lie in [2, 4]' in capsys.readouterr().err
-    assert run(gen_img.main, gen_img.get_parser(), ckpt_args + ['--subnet_depth', '2', '--out_dir',
+    assert run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--subnet_depth', '2', '--out_dir',
                                                                str(tmp_path)]) == 2
     assert 'for VIAR use --schedule' in capsys.readouterr().err

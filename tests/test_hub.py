@@ -6,7 +6,7 @@ import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
 
-import gen_img
+from generation import gen_img_cli
 import utils.hub as hub
 from tests.tiny import save_tiny_checkpoints
 from utils.cli import UserError, run
@@ -83,11 +83,11 @@ def test_gen_img_runs_from_the_cache_and_fails_in_one_line(cache, tmp_path, caps
     cache_file(cache, REPO, 'tok/vae.pth', src=ckpts / 'vae.pth')
     base = ['--top_k', '10', '--schedule', 'const:2', '--classes', '1', '--seeds', '0',
             '--out_dir', str(tmp_path / 'o')]
-    assert run(gen_img.main, gen_img.get_parser(), ['--ckpt', f'hf:{REPO}/ar.pth', '--vae_ckpt',
+    assert run(gen_img_cli.main, gen_img_cli.get_parser(), ['--ckpt', f'hf:{REPO}/ar.pth', '--vae_ckpt',
                                                     f'hf:{REPO}/tok/vae.pth', *base]) == 0
     assert (tmp_path / 'o' / 'class1_seed0.png').is_file()
     capsys.readouterr()
-    assert run(gen_img.main, gen_img.get_parser(), ['--ckpt', f'hf:{REPO}/ar.pth', '--vae_ckpt',
+    assert run(gen_img_cli.main, gen_img_cli.get_parser(), ['--ckpt', f'hf:{REPO}/ar.pth', '--vae_ckpt',
                                                     f'hf:{REPO}/vae_missing.pth', *base]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and f'--vae_ckpt hf:{REPO}/vae_missing.pth: not in the Hugging Face cache' in err

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-import evaluator
-import sampling
+from evaluation import evaluator_cli
 from evaluation.metrics import FRECHET_METHODS
+from generation import sampling_cli
 from models.schedules import ConstantSchedule, LinearSchedule
 from models.subnet import SubnetSpec
 from tests.tiny import GOLDEN_DIR, ROOT
@@ -80,7 +80,7 @@ def readme_evaluator(cwd, monkeypatch) -> str:
     monkeypatch.setitem(FRECHET_METHODS, 'scipy', FRECHET_METHODS['eigh'])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert run(evaluator.main, evaluator.get_parser(), argv_of(README_EVALUATOR) + ['--no-progress']) == 0
+        assert run(evaluator_cli.main, evaluator_cli.get_parser(), argv_of(README_EVALUATOR) + ['--no-progress']) == 0
     return out.getvalue()
 
 
@@ -156,7 +156,7 @@ def test_official_names():
 
 
 def test_knobs_the_official_name_cannot_express_get_their_own_names():
-    parse = sampling.get_parser().parse_args
+    parse = sampling_cli.get_parser().parse_args
     official_knobs = (parse([]), LinearSchedule(10, 10), None)
     variants = [
         (parse(['--iter_left', '10', '--iter_right', '5']), LinearSchedule(10, 5), None),

@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-import gen_img
-import sampling
+from generation import gen_img_cli, sampling_cli
+from generation.model_flags import autocast, sampling_mode
 from models.sampler import autoregressive_infer_cfg
 from tests.tiny import make_vae, make_var, save_tiny_checkpoints
 from tests.train_helpers import make_image_folder, read_log
 from training import train_cli, train_tokenizer_cli
 from utils.cli import run
-from utils.sample_args import autocast, sampling_mode
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 
@@ -56,7 +55,7 @@ def test_gen_img_precision_and_its_dtype_alias(ckpts, tmp_path, capsys):
             'const:2', '--classes', '1', '--seeds', '3']
     for flag, name, dtype in (('--precision', 'bf16', 'bfloat16'), ('--dtype', 'fp32', 'float32')):
         out = tmp_path / name
-        assert run(gen_img.main, gen_img.get_parser(), [*base, flag, name, '--out_dir', str(out)]) == 0
+        assert run(gen_img_cli.main, gen_img_cli.get_parser(), [*base, flag, name, '--out_dir', str(out)]) == 0
         assert f'precision torch.{dtype}' in capsys.readouterr().out and (out / 'class1_seed3.png').is_file()
 
 
@@ -64,7 +63,7 @@ def test_sampling_saves_the_precision_in_its_json(ckpts, tmp_path):
     args = ['--ckpt', str(ckpts / 'ar.pth'), '--vae_ckpt', str(ckpts / 'vae.pth'), '--sample_dir', str(tmp_path),
             '--per_class', '1', '--classes', '0,1', '--batch_size', '2', '--top_k', '10', '--schedule', 'const:2',
             '--name', 'run', '--precision', 'bf16']
-    assert run(sampling.main, sampling.get_parser(), args) == 0
+    assert run(sampling_cli.main, sampling_cli.get_parser(), args) == 0
     assert json.loads((tmp_path / 'run.json').read_text())['knobs']['dtype'] == 'bfloat16'
     with np.load(tmp_path / 'run.npz') as npz:
         assert npz['arr_0'].shape == (2, 8, 8, 3)

@@ -15,7 +15,6 @@ log = logging.getLogger('viar')
 
 RESUME_NONE = ('none', 'no', '')
 RESUME_AUTO = 'auto'
-GiB = 2 ** 30
 ITER_DIGITS = 8              # {prefix}-ckpt-00001200.pth
 DEFAULT_KEEP_LAST = 2        # checkpoints kept: the newest and one to fall back on
 

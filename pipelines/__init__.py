@@ -1,0 +1,1 @@
+"""Pipelines that chain the project's commands in one process: the CPU demo (train, sample, evaluate, report)."""
