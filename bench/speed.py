@@ -32,6 +32,7 @@ from models.schedules import parse_schedule
 from training.amp import AmpOptimizer
 from training.ar_trainer import token_losses
 from utils.cli import ArgumentParser, UserError, main_entry
+from utils.fileio import write_text_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -201,9 +202,9 @@ def main(args):
             'threads': torch.get_num_threads(), 'suite': suite, 'rounds': rounds, 'warmup': args.warmup,
             'load_average_before_after': [load_before, load_average()]}
     stem = f'speed_{device.type}' + ('_quick' if args.quick else '')
-    (out_dir / f'{stem}.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
+    write_text_atomic(out_dir / f'{stem}.json', json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
     markdown = to_markdown(rows, meta)
-    (out_dir / f'{stem}.md').write_text(markdown)
+    write_text_atomic(out_dir / f'{stem}.md', markdown)
     print(markdown, end='')
     print(f'wrote {out_dir / stem}.md and .json ({os.cpu_count()} CPUs on this machine)')
 

@@ -20,7 +20,8 @@ from training import dist
 from training.amp import AmpOptimizer
 from training.ar_trainer import ARTrainer
 from training.checkpoints import CheckpointFiles, resume_training
-from training.data import build_datasets, build_loaders, build_token_cache
+from training.data import build_datasets, build_loaders
+from training.token_cache import build_token_cache
 from training.dist import wrap_ddp
 from training.flags import add_data_flags, add_optim_flags, add_run_flags, derive_plan, patch_nums_arg
 from training.loop import TrainLoop, start_run

@@ -1,1 +1,4 @@
-"""Data, distributed helpers, checkpoint I/O, logging, lr schedules and metrics."""
+"""Generic pieces every command uses: the model checkpoint format and `load_models` (model_checkpoints), checkpoint
+file I/O (checkpoint), Hugging Face Hub references (hub), the one atomic writer (fileio), one-line CLI errors and flag
+types (cli), the official command-line spellings (official), logging, images, plots, weight export and the
+Fashion-MNIST preparation. The engines live in training/, evaluation/ and generation/."""
