@@ -28,9 +28,9 @@ from utils.cli import (MAX_SEED, NON_NEGATIVE, POSITIVE, ArgumentParser, UserErr
 from utils.images import save_png_atomic, to_rgb, to_uint8_hwc
 from utils.log import setup_logging
 from utils.plots import write_trace
-from utils.sample_args import (MAX_IDS, add_model_args, add_sampling_args, autocast_dtype, load_from_args,
-                               parse_classes, parse_ids, resolve_device, sampling_mode, schedule_from_args,
-                               subnet_from_args, trunk_step_from_args)
+from utils.sample_args import (MAX_IDS, add_model_args, add_sampling_args, autocast_dtype, describe_schedule,
+                               load_from_args, parse_classes, parse_ids, resolve_device, sampling_mode,
+                               schedule_from_args, subnet_from_args, trunk_step_from_args)
 
 log = logging.getLogger('viar')
 GRID_PAD, GRID_PAD_VALUE = 2, 1.0  # white 2px borders, as the official grid
@@ -175,8 +175,9 @@ def main(args):
 
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]
-    log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
-             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, precision {amp_dtype}')
+    log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule '
+             f'{describe_schedule(args, schedule)}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, '
+             f'precision {amp_dtype}')
     images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
                       trace=trace)
     for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):

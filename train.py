@@ -7,6 +7,7 @@ Checkpoints (`ar-ckpt-last.pth`, `ar-ckpt-best.pth`), `stdout.txt`, `log.txt` an
 """
 import argparse
 import logging
+import random
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -40,7 +41,7 @@ DEFAULT_DEPTH = 16
 MODEL_FLAGS = {
     'depth': 'depth', 'embed_dim': 'embed_dim', 'num_heads': 'num_heads', 'drop_path_rate': 'drop_path_rate',
     'use_implicit': 'use_implicit', 'pre_depth': 'pre_depth', 'post_depth': 'post_depth',
-    'no_grad_iters': 'implicit_no_grad_iters', 'grad_iters': 'implicit_grad_iters', 'eval_iters': 'implicit_eval_iters',
+    'no_grad_iters_range': 'no_grad_iters_range', 'grad_iters_range': 'grad_iters_range', 'eval_iters': 'eval_iters',
     'init_adaln': 'init_adaln', 'init_adaln_gamma': 'init_adaln_gamma', 'init_head': 'init_head',
     'init_std': 'init_std', 'shared_aln': 'shared_aln', 'attn_l2_norm': 'attn_l2_norm',
     'cond_drop_rate': 'cond_drop_rate',
@@ -88,11 +89,14 @@ def get_parser() -> ArgumentParser:
     m.add_argument('--post_depth', type=int_range(0, MAX_DEPTH), help='VIAR explicit blocks after it (default 5)')
     m.add_argument('--p_depth', type=int_range(0, MAX_DEPTH),
                    help='official spelling: sets both --pre_depth and --post_depth')
-    m.add_argument('--no_grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
-                   help='S-JFB: inclusive range of implicit iterations run under no_grad (default 0 10)')
-    m.add_argument('--grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
-                   help='S-JFB: inclusive range of iterations backpropagated through (default 1 12)')
-    m.add_argument('--eval_iters', type=ITERS, help='implicit iterations of the validation forward (default 10)')
+    m.add_argument('--no_grad_iters_range', '--no_grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range from which each step draws its implicit iterations run under no_grad '
+                        '(default 0 10; --no_grad_iters is the older spelling)')
+    m.add_argument('--grad_iters_range', '--grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range from which each step draws its iterations backpropagated through '
+                        '(default 1 12; --grad_iters is the older spelling)')
+    m.add_argument('--eval_iters', type=ITERS, help='implicit iterations of the validation forward, and the schedule '
+                                                    'sampling uses by default (default 10)')
     m.add_argument('--sjfb_shared_draws', action=bool_flag, default=False,
                    help='draw the same S-JFB counts on every rank, so no rank waits for a deeper draw '
                         '(default: independent per-rank draws, as the official code)')
@@ -180,14 +184,16 @@ class ARTrainer:
     val_score = 'L_tail'  # the official trainer keeps the checkpoint with the best last-scale validation loss
 
     def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float,
-                 supernet: Optional[Supernet] = None):
+                 supernet: Optional[Supernet] = None, sjfb_seed: int = 0):
         self.model, self.var, self.vae = model, unwrap(model), vae
         self.amp, self.schedule, self.label_smooth = amp, schedule, label_smooth
         self.device = next(self.var.parameters()).device
         self.scale_sizes = [pn * pn for pn in self.var.patch_nums]
         self.tokens_per_image = self.var.L
-        self.rng_generators = {'sjfb': self.var.iter_rng}
-        self.draws: List[Tuple[int, int]] = []  # S-JFB counts since the last metrics
+        # The S-JFB draws (VIAR): the trainer's own generator, checkpointed with the other RNG streams.
+        self.sjfb_rng = random.Random(sjfb_seed)
+        self.rng_generators = {'sjfb': self.sjfb_rng}
+        self.sjfb_draws: List[Tuple[int, int]] = []  # (no_grad_iters, grad_iters) since the last metrics
         self.supernet = supernet
         self.subnet_draws: List[Tuple[int, bool]] = []  # (optimizer step, subnet?) since the last metrics
         self.subnet_p = 0.0
@@ -205,6 +211,13 @@ class ARTrainer:
                 return label_B, self.vae.img_to_idxBl(x)
         return label_B, list(x.split(self.scale_sizes, dim=1))
 
+    def draw_sjfb_iters(self) -> Optional[Tuple[int, int]]:
+        """(no_grad_iters, grad_iters) of one training forward, drawn from the configured ranges (None for VAR)."""
+        config = self.var.config
+        if not config.use_implicit:
+            return None
+        return self.sjfb_rng.randint(*config.no_grad_iters_range), self.sjfb_rng.randint(*config.grad_iters_range)
+
     def step(self, it: int, batch, stepping: bool, want_metrics: bool) -> StepResult:
         """lr -> forward/backward (AMP, accumulation) -> clip -> optimizer step (when `stepping`)."""
         lr, wd = self.schedule.apply(self.amp.optimizer, it)
@@ -212,13 +225,14 @@ class ARTrainer:
         x_BLCv = self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
         subnet = self.pick_subnet(it, stepping)
+        sjfb_iters = self.draw_sjfb_iters()
         with self.amp.forward_context(stepping):
-            logits_BLV = self.model(label_B, x_BLCv, subnet=subnet)
+            logits_BLV = self.model(label_B, x_BLCv, sjfb_iters=sjfb_iters, subnet=subnet)
         loss_BL = token_losses(logits_BLV, gt_BL, self.label_smooth)
         stepped = self.amp.backward_step(loss_BL.mean(), stepping)
         loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()  # a non-finite loss: see TrainLoop's guard
-        if self.var.last_implicit_iters is not None:
-            self.draws.append(self.var.last_implicit_iters)
+        if sjfb_iters is not None:
+            self.sjfb_draws.append(sjfb_iters)
         res = StepResult(loss, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
@@ -227,11 +241,12 @@ class ARTrainer:
             res.metrics = self.metrics(loss_BL.detach(), logits_BLV.detach(), gt_BL)
             m = res.metrics
             res.summary = f'loss {m["train/L_mean"]:.4f} tail {m["train/L_tail"]:.4f} acc {m["train/acc_mean"]:.2f}%'
-            if self.draws:
-                n_ng, n_g = (sum(d[i] for d in self.draws) / len(self.draws) for i in range(2))
-                m.update({'sjfb/no_grad_iters': n_ng, 'sjfb/grad_iters': n_g})
-                res.summary += f' | sjfb {n_ng:.1f}+{n_g:.1f}'
-                self.draws.clear()
+            if self.sjfb_draws:
+                no_grad_iters, grad_iters = (sum(d[i] for d in self.sjfb_draws) / len(self.sjfb_draws)
+                                             for i in range(2))
+                m.update({'sjfb/no_grad_iters': no_grad_iters, 'sjfb/grad_iters': grad_iters})
+                res.summary += f' | sjfb {no_grad_iters:.1f}+{grad_iters:.1f}'
+                self.sjfb_draws.clear()
             if self.subnet_draws:
                 res.summary += self.subnet_metrics(m)
         return res
@@ -321,7 +336,7 @@ class ARTrainer:
     def load_checkpoint(self, ckpt: Dict[str, Any], path: Path):
         if ckpt.get('kind') != KIND_VAR or 'amp' not in ckpt:
             raise UserError(f'{path} is not a train.py checkpoint; pass --resume none to start fresh')
-        saved, own = ckpt['config'], self.var.config.to_dict()
+        saved, own = VARConfig.current_names(ckpt['config']), self.var.config.to_dict()
         diffs = [f'{k}={v} (flags: {own[k]})' for k, v in saved.items() if own.get(k) != v]
         if diffs:
             raise UserError(f'{path} was trained with {", ".join(diffs)}; pass the same model flags (or '
@@ -371,7 +386,6 @@ def main(args):
         load_state_dict_strict(var, init_weights, f'--init_from {args.init_from}')
         del init_weights
     seed_process(args.seed, info.rank)
-    var.seed_implicit_iters(mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank))
     if args.compile:
         log.info('torch.compile: compiling every transformer block')
         for block in var.trunk_blocks:
@@ -389,7 +403,8 @@ def main(args):
     amp = AmpOptimizer(model, optimizer, plan.precision, args.grad_clip, args.accum)
     schedule = Schedule(plan.peak_lr, plan.warmup_iters, plan.max_iters, args.schedule, args.warmup_start,
                         args.lr_end, args.weight_decay, plan.wd_end)
-    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth, supernet)
+    sjfb_seed = mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank)
+    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth, supernet, sjfb_seed)
 
     kind = 'VIAR' if config.use_implicit else 'VAR'
     log.info('data: %d training images in %d classes from %s; validation: %s; images %dpx, scales %s',
@@ -399,9 +414,9 @@ def main(args):
              config.embed_dim, config.num_heads, f'{num_params(var):,}', f'{counts["decay"]:,}',
              f'{counts["no_decay"]:,}')
     if config.use_implicit:
-        log.info('S-JFB: no-grad iterations %s, with-grad iterations %s (inclusive ranges), %s draws',
-                 config.implicit_no_grad_iters, config.implicit_grad_iters,
-                 'shared' if args.sjfb_shared_draws else 'per-rank')
+        log.info('S-JFB: no_grad_iters drawn from %s, grad_iters from %s (inclusive ranges), %s draws; validation at '
+                 '%d iterations', config.no_grad_iters_range, config.grad_iters_range,
+                 'shared' if args.sjfb_shared_draws else 'per-rank', config.eval_iters)
     if args.init_from:
         log.info('initial weights: %s', args.init_from)
     if supernet is not None:

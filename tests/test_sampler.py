@@ -63,7 +63,7 @@ def test_per_iteration_caches_are_preallocated_exactly(viar):
     assert stats['iters'] == [2, 1, 0, 3]
     sizes = {it: (c.len, c.max_len) for it, c in caches.implicit.items()}
     assert sizes == {0: (21, 21), 1: (17, 17), 2: (16, 16)}  # scales with more than `it` iterations: 1+4+16, 1+16, 16
-    assert all(c.len == c.max_len == viar.L for c in caches.pre + caches.post)
+    assert all(c.len == c.max_len == viar.L for c in caches.explicit['pre_blocks'] + caches.explicit['post_blocks'])
 
 
 def _contractive(var):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models import VARConfig, build_var
-from models.fixed_point import FixedPointIteration, sjfb
+from models.fixed_point import FixedPointIteration
+from models.implicit import implicit_map, sjfb
 from models.schedules import ConstantSchedule, ListSchedule
 from tests.conftest import make_vae, make_var
 
@@ -33,11 +34,11 @@ def test_block_causal_mask(kw):
     label, x = _inputs(var)
     iters = (0, 3) if var.use_implicit else None
     with torch.no_grad():
-        ref = var(label, x, implicit_iters=iters)
+        ref = var(label, x, sjfb_iters=iters)
         for k, (bg, ed) in enumerate(var.begin_ends[:-1]):
             x2 = x.clone()
             x2[:, ed - 1:] += torch.randn_like(x2[:, ed - 1:])  # input rows >= ed-1 feed scales > k
-            out = var(label, x2, implicit_iters=iters)
+            out = var(label, x2, sjfb_iters=iters)
             assert torch.allclose(out[:, :ed], ref[:, :ed], atol=1e-5), f'scale {k} saw later scales'
             assert not torch.allclose(out[:, ed:], ref[:, ed:], atol=1e-3), 'later scales ignored their input'
 
@@ -55,7 +56,7 @@ def test_cached_greedy_sampling_matches_teacher_forcing(kw):
     assert img.shape == (3, 3, vae.config.image_size, vae.config.image_size)
     with torch.no_grad():
         logits = var(torch.tensor([0, 1, 4]), vae.quantize.idxBl_to_var_input(idx),
-                     implicit_iters=(0, n) if var.use_implicit else None)
+                     sjfb_iters=(0, n) if var.use_implicit else None)
     assert torch.equal(logits.argmax(-1), torch.cat(idx, dim=1))
 
 
@@ -63,14 +64,14 @@ def test_viar_zero_vs_n_iterations():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
     with torch.no_grad():
-        zero = var(label, x, implicit_iters=(0, 0))
+        zero = var(label, x, sjfb_iters=(0, 0))
         # Zero iterations = the implicit layer is skipped: post-blocks act on the pre-blocks' output directly.
         trunk = build_var(var.config.replace(use_implicit=False, depth=2))
         trunk.load_state_dict({k.replace('pre_blocks.0', 'blocks.0').replace('post_blocks.0', 'blocks.1'): v
                                for k, v in var.state_dict().items() if 'implicit' not in k})
         assert torch.allclose(zero, trunk.eval()(label, x), atol=1e-5)
-        three = var(label, x, implicit_iters=(0, 3))
-        split = var(label, x, implicit_iters=(2, 1))  # same map, same count: the split does not matter forward
+        three = var(label, x, sjfb_iters=(0, 3))
+        split = var(label, x, sjfb_iters=(2, 1))  # same map, same count: the split does not matter forward
         assert not torch.allclose(zero, three, atol=1e-3)
         assert torch.allclose(three, split, atol=1e-5)
 
@@ -84,7 +85,7 @@ def _saved_bytes(var, label, x, iters):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        var(label, x, implicit_iters=iters).sum()
+        var(label, x, sjfb_iters=iters).sum()
     return total
 
 
@@ -100,7 +101,7 @@ def test_sjfb_no_graph_for_no_grad_iterations():
 def test_sjfb_gradients_match_manual_unroll():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
-    loss = var(label, x, implicit_iters=(3, 2)).logsumexp(-1).mean()
+    loss = var(label, x, sjfb_iters=(3, 2)).logsumexp(-1).mean()
     grads = torch.autograd.grad(loss, list(var.parameters()), allow_unused=True)
 
     # Manual: 3 detached iterations, 2 recorded, gradient into the pre-blocks only through the injection u.
@@ -108,7 +109,7 @@ def test_sjfb_gradients_match_manual_unroll():
     h = torch.cat((cond.unsqueeze(1) + var.pos_start, var.word_embed(x)), 1) + var.lvl_embed(var.lvl_1L) + var.pos_1LC
     bias = var.attn_bias_for_masking
     u = var.pre_blocks[0](h, cond, bias)
-    f = var.implicit_map(u, cond, bias)
+    f = implicit_map(var.implicit_block_projection, var.implicit_block, u, cond, bias)
     z = u.detach()
     with torch.no_grad():
         for it in range(3):
@@ -127,19 +128,26 @@ def test_sjfb_gradients_match_manual_unroll():
         assert named[name] is not None and named[name].abs().sum() > 0, name
 
 
-def test_sjfb_draws_are_seeded_and_in_range():
-    var = make_var(use_implicit=True, pre_depth=1, post_depth=1,
-                   implicit_no_grad_iters=(0, 4), implicit_grad_iters=(1, 3)).train()
-    var.seed_implicit_iters(123)
-    a = [var.draw_implicit_iters() for _ in range(50)]
-    var.seed_implicit_iters(123)
-    assert a == [var.draw_implicit_iters() for _ in range(50)]
-    assert {n for n, _ in a} == set(range(5)) and {g for _, g in a} == {1, 2, 3}
+def test_model_holds_no_random_or_last_call_state():
+    # The S-JFB counts are an argument: same inputs and counts, same outputs, and a forward changes no state.
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1, cond_drop_rate=0.0, drop_path_rate=0.0).train()
     label, x = _inputs(var)
-    var(label, x)
-    assert var.last_implicit_iters is not None
-    var.eval()
-    assert var.draw_implicit_iters() == (0, var.config.implicit_eval_iters)
+    state = {k: v.clone() for k, v in var.state_dict().items()}
+    attrs = dict(vars(var))
+    torch.manual_seed(0)
+    a = var(label, x, sjfb_iters=(2, 1))
+    torch.manual_seed(1)  # the global RNG does not matter without dropout
+    b = var(label, x, sjfb_iters=(2, 1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, var(label, x, sjfb_iters=(0, 1)), atol=1e-4)
+    assert vars(var).keys() == attrs.keys() and all(vars(var)[k] is v for k, v in attrs.items())
+    assert all(torch.equal(v, state[k]) for k, v in var.state_dict().items())
+    for name in ('iter_rng', 'seed_implicit_iters', 'draw_implicit_iters', 'last_implicit_iters'):
+        assert not hasattr(var, name), name
+    # Without counts the forward is the deterministic validation forward, in either mode.
+    with torch.no_grad():
+        ref = var(label, x, sjfb_iters=(0, var.config.eval_iters))
+        assert torch.equal(var(label, x), ref) and torch.equal(var.eval()(label, x), ref)
 
 
 def test_sjfb_function_edge_cases():
@@ -171,10 +179,10 @@ def test_bf16_autocast_forward_runs():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        logits = var(label, x, implicit_iters=(0, 2))
+        logits = var(label, x, sjfb_iters=(0, 2))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     with torch.no_grad():
-        ref = var(label, x, implicit_iters=(0, 2))
+        ref = var(label, x, sjfb_iters=(0, 2))
     assert (logits - ref).abs().max() < 0.1
 
 
@@ -198,7 +206,7 @@ def test_meta_forward_counts_without_memory():
     var = build_var(VARConfig(depth=2, use_implicit=True, pre_depth=1, post_depth=1), 'meta')
     label = torch.zeros(2, dtype=torch.long, device='meta')
     x = torch.zeros(2, var.L - 1, var.Cvae, device='meta')
-    out = var(label, x, implicit_iters=(1, 1))
+    out = var(label, x, sjfb_iters=(1, 1))
     assert out.is_meta and out.shape == (2, var.L, var.V)
 
 
