@@ -232,12 +232,12 @@ def autoregressive_infer_cfg(
     label_B: None draws classes, an int fills the batch (negative = the null class), a tensor gives one class per
     image. Randomness: `image_seeds` (one seed per image) or `g_seed` (one generator for the batch, the official
     semantics) or neither (global RNG). `schedule` sets the implicit iterations per scale (VIAR only; default
-    `default_schedule`: the checkpoint's `eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit block is cached and solved.
-    `edit` forces source tokens where its masks say so. `trace`, when a dict, receives per scale the fixed-point
-    residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
-    `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'layers' (blocks run per scale),
-    'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales to a VARiant subnet.
-    `trunk_step` replaces `run_trunk` (e.g. `compiled_trunk_step()`).
+    `default_schedule`: the checkpoint's `eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit
+    block is cached and solved. `edit` forces source tokens where its masks say so. `trace`, when a dict, receives
+    per scale the fixed-point residual/cosine of every iteration. With `return_idx` the token pyramid (list of
+    (B, pn*pn)) follows the images. `stats`, when a dict, receives 'iters' (implicit iterations run per scale),
+    'layers' (blocks run per scale), 'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales
+    to a VARiant subnet. `trunk_step` replaces `run_trunk` (e.g. `compiled_trunk_step()`).
     """
     vae = var.vae
     device = var.lvl_1L.device

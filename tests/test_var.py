@@ -6,6 +6,8 @@ from models import VARConfig, build_var
 from models.fixed_point import FixedPointIteration
 from models.implicit import implicit_map, sjfb
 from models.schedules import ConstantSchedule, ListSchedule
+from models.subnet import SubnetSpec
+from models.trunk import BlockStage, ImplicitStage, TrunkCaches, run_trunk
 from tests.conftest import make_vae, make_var
 
 # Configurations covering the general case (the golden fixture is only one of them).
@@ -58,6 +60,51 @@ def test_cached_greedy_sampling_matches_teacher_forcing(kw):
         logits = var(torch.tensor([0, 1, 4]), vae.quantize.idxBl_to_var_input(idx),
                      sjfb_iters=(0, n) if var.use_implicit else None)
     assert torch.equal(logits.argmax(-1), torch.cat(idx, dim=1))
+
+
+TRUNKS = [(dict(depth=4), None), (dict(depth=4), SubnetSpec(2, 2)), (dict(depth=4), SubnetSpec(3, 0, 'nested')),
+          (dict(use_implicit=True, pre_depth=1, post_depth=1), None),
+          (dict(use_implicit=True, pre_depth=0, post_depth=2, shared_aln=True), None)]
+
+
+@pytest.mark.parametrize('kw, subnet', TRUNKS)
+def test_one_trunk_teacher_forcing_equals_scale_by_scale_caching(kw, subnet):
+    # The same trunk run on all scales under the mask, and one scale at a time with KV caches (as the sampler runs
+    # it), gives the same logits: VAR, a VARiant subnet, VIAR at a constant iteration count.
+    var = make_var(**kw).eval()
+    label, x = _inputs(var)
+    n, K = 3, len(var.patch_nums)
+    layers = None if subnet is None else subnet.layers_per_scale(var.depth, K)
+    caches = TrunkCaches(var.stages, var.patch_nums, [n] * K, adaptive=False, layers_per_scale=layers)
+    with torch.no_grad():
+        ref = var(label, x, sjfb_iters=(0, n), subnet=subnet)
+        cond = var.class_emb(label)
+        h = torch.cat((cond.unsqueeze(1) + var.pos_start, var.word_embed(x)), 1) + var.lvl_embed(var.lvl_1L) + \
+            var.pos_1LC
+        logits = []
+        for si, (bg, ed) in enumerate(var.begin_ends):
+            h_BlC, calls = run_trunk(var, h[:, bg:ed], var.shared_ada_lin(cond), None, caches, no_grad_iters=n,
+                                     layers=None if layers is None else layers[si])
+            assert calls == (n if var.use_implicit else 0)
+            logits.append(var.get_logits(h_BlC, cond))
+    assert torch.allclose(torch.cat(logits, dim=1), ref, atol=1e-5)
+    # Every cache was filled exactly to the size the stage description gave it.
+    explicit = [c for stage in caches.explicit.values() for c in stage]
+    assert explicit and all(c.len == c.max_len for c in explicit)
+    assert (caches.implicit is not None) == var.use_implicit
+
+
+def test_trunk_stages_describe_the_modules():
+    viar = make_var(depth=6, use_implicit=True, pre_depth=2, post_depth=1)
+    assert viar.stages == (BlockStage('pre_blocks', 2, 0), ImplicitStage(3), BlockStage('post_blocks', 1, 5))
+    assert [len(viar.pre_blocks), len(viar.post_blocks)] == [2, 1] and not hasattr(viar, 'blocks')
+    assert viar.trunk_blocks == [*viar.pre_blocks, viar.implicit_block, *viar.post_blocks]
+    # Drop-path rates follow the nominal layer each block stands for.
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for b in viar.trunk_blocks]
+    nominal = torch.linspace(0, viar.config.drop_path_rate, 6).tolist()
+    assert rates == pytest.approx([nominal[0], nominal[1], nominal[3], nominal[5]])
+    var = make_var(depth=3)
+    assert var.stages == (BlockStage('blocks', 3, 0),) and var.trunk_blocks == list(var.blocks)
 
 
 def test_viar_zero_vs_n_iterations():
@@ -208,6 +255,18 @@ def test_meta_forward_counts_without_memory():
     x = torch.zeros(2, var.L - 1, var.Cvae, device='meta')
     out = var(label, x, sjfb_iters=(1, 1))
     assert out.is_meta and out.shape == (2, var.L, var.V)
+
+
+def test_config_fields_saved_under_older_names_still_load():
+    old = make_var(use_implicit=True, pre_depth=1, post_depth=1).config.to_dict()
+    for new_name, old_name, value in (('no_grad_iters_range', 'implicit_no_grad_iters', [1, 2]),
+                                      ('grad_iters_range', 'implicit_grad_iters', [2, 4]),
+                                      ('eval_iters', 'implicit_eval_iters', 7)):
+        del old[new_name]
+        old[old_name] = value
+    cfg = VARConfig.from_dict(old)
+    assert (cfg.no_grad_iters_range, cfg.grad_iters_range, cfg.eval_iters) == ((1, 2), (2, 4), 7)
+    assert VARConfig.current_names(old) == cfg.to_dict()
 
 
 def test_config_recovered_for_all_variants():
