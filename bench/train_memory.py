@@ -44,7 +44,7 @@ class Saved:
 
 
 def saved_bytes(var, label_B: torch.Tensor, x_BLCv: torch.Tensor, gt_BL: torch.Tensor,
-                implicit_iters: Optional[Tuple[int, int]] = None, autocast_dtype=None) -> Saved:
+                sjfb_iters: Optional[Tuple[int, int]] = None, autocast_dtype=None) -> Saved:
     """Bytes autograd saves in one training forward of `var`, loss included."""
     params = {StorageWeakRef(t.untyped_storage()).cdata for t in [*var.parameters(), *var.buffers()]}
     packed, storages = 0, {}
@@ -61,7 +61,7 @@ def saved_bytes(var, label_B: torch.Tensor, x_BLCv: torch.Tensor, gt_BL: torch.T
     device_type = x_BLCv.device.type
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits_BLV = var(label_B, x_BLCv, implicit_iters=implicit_iters)
+        logits_BLV = var(label_B, x_BLCv, sjfb_iters=sjfb_iters)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_losses(logits_BLV, gt_BL).mean()
     return Saved(packed, sum(storages.values()))

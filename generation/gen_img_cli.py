@@ -24,8 +24,8 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from generation.model_flags import add_model_args, autocast_dtype, load_from_args, resolve_device, sampling_mode
-from generation.sampling_flags import (MAX_IDS, add_sampling_args, parse_classes, parse_ids, schedule_from_args,
-                                       subnet_from_args, trunk_step_from_args)
+from generation.sampling_flags import (MAX_IDS, add_sampling_args, describe_schedule, parse_classes, parse_ids,
+                                       schedule_from_args, subnet_from_args, trunk_step_from_args)
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, make_edit_spec
 from utils import official
@@ -178,8 +178,9 @@ def main(args):
 
     labels = [c for c in classes for _ in seeds]
     all_seeds = [s for _ in classes for s in seeds]
-    log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule {schedule}, '
-             f'cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, precision {amp_dtype}')
+    log.info(f'generating {len(labels)} images: classes {classes}, seeds {seeds}, schedule '
+             f'{describe_schedule(args, schedule)}, cfg {args.cfg}, top_k {args.top_k}, top_p {args.top_p}, '
+             f'precision {amp_dtype}')
     images = generate(args, var, schedule, solver, subnet, amp_dtype, device, labels, all_seeds, edit=edit,
                       trace=trace)
     for c, s, arr in zip(labels, all_seeds, to_uint8_hwc(images)):

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from generation.model_flags import add_model_args, autocast_dtype, load_from_args, sampling_mode
-from generation.sampling_flags import (add_sampling_args, parse_classes, schedule_from_args, subnet_from_args,
-                                       trunk_step_from_args)
+from generation.sampling_flags import (add_sampling_args, describe_schedule, parse_classes, schedule_from_args,
+                                       subnet_from_args, trunk_step_from_args)
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from training import dist
@@ -71,7 +71,7 @@ def knobs_of(args, var, schedule, subnet, classes, amp_dtype: torch.dtype) -> di
     return {
         'ckpt': checkpoint_name(args.ckpt), 'vae_ckpt': checkpoint_name(args.vae_ckpt),
         'model': var.config.to_dict(), 'cfg': args.cfg, 'top_k': args.top_k, 'top_p': args.top_p,
-        'more_smooth': args.more_smooth, 'schedule': str(schedule),
+        'more_smooth': args.more_smooth, 'schedule': describe_schedule(args, schedule),
         'iters_per_scale': schedule.caps(len(var.patch_nums)) if var.use_implicit else None,
         'kv_policy': args.kv_policy, 'solver': args.solver, 'seed': args.seed, 'per_class': args.per_class,
         'subnet': None if subnet is None else {'depth': subnet.depth, 'bridge': subnet.bridge,
@@ -139,7 +139,7 @@ def main(args):
             if not all((out_dir / f'{i:06d}.png').exists()
                        for i in range(b * args.batch_size, min(total, (b + 1) * args.batch_size)))]
     log.info(f'{name}: {total} images ({args.per_class} x {len(classes)} classes), {num_batches} batches, '
-             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {schedule}, precision '
+             f'{len(mine)} to do on rank {info.rank}/{info.world_size}; schedule {knobs["schedule"]}, precision '
              f'{knobs["dtype"]}')
     t0 = time.time()
     done = 0

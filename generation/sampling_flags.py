@@ -1,33 +1,54 @@
-"""The sampling knobs of sampling.py and gen_img.py: guidance, top-k/p, the implicit-iteration schedule (a budget
-is resolved by calibration sampling), KV policy, solver, VARiant subnet, torch.compile, and the class/seed lists."""
+"""The sampling knobs of sampling.py and gen_img.py: guidance, top-k/p (checked by the sampler's own check), the
+implicit-iteration schedule (by default the checkpoint's own; a budget is resolved by calibration sampling), KV policy,
+solver, VARiant subnet, torch.compile, and the class/seed lists."""
 import argparse
 from typing import Callable, List, Optional
 
 from models import VAR
 from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
-from models.sampler import compiled_trunk_step, resolve_schedule
+from models.sampler import check_sampling_args, compiled_trunk_step, default_schedule, resolve_schedule
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
 from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
-from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, PROBABILITY, UserError, finite_float
+from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, UserError
 
 MAX_IDS = 10_000  # --seeds / --classes entries per run (gen_img keeps every image in memory)
-MAX_CFG = 1000.0  # far beyond any useful guidance; larger values overflow the logits
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
+
+
+def sampling_knob(name: str, convert: Callable[[str], float]) -> Callable[[str], float]:
+    """argparse type of the sampling knob `name`: converted, then checked by the sampler's own check."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+            check_sampling_args(**{name: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: float = 0.96):
     g = parser.add_argument_group('sampling')
-    g.add_argument('--cfg', type=finite_float(0, MAX_CFG), default=1.5,
+    g.add_argument('--cfg', type=sampling_knob('cfg', float), default=1.5,
                    help='classifier-free guidance, ramped linearly over scales')
-    g.add_argument('--top_k', type=NON_NEGATIVE, default=top_k, help='keep the k most likely tokens (0: all)')
-    g.add_argument('--top_p', type=PROBABILITY, default=top_p, help='nucleus mass in [0, 1] (0: off)')
+    g.add_argument('--top_k', type=sampling_knob('top_k', int), default=top_k,
+                   help='keep the k most likely tokens (0: all)')
+    g.add_argument('--top_p', type=sampling_knob('top_p', float), default=top_p,
+                   help='nucleus mass in [0, 1] (0: off)')
     g.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax token mixing (not for FID)')
     g.add_argument('--schedule', default=None,
                    help='implicit iterations per scale: const:N, linear:LEFT,RIGHT, list:N1,..., adaptive:TOL,CAP, '
-                        'budget:ITERS[,CAP] or flops:GFLOPS[,CAP] (default: linear:ITER_LEFT,ITER_RIGHT)')
-    g.add_argument('--iter_left', type=ITERS, default=10, help='official linear schedule: iterations at scale 1')
-    g.add_argument('--iter_right', type=ITERS, default=10, help='official linear schedule: at the last scale')
+                        "budget:ITERS[,CAP] or flops:GFLOPS[,CAP] (default: the checkpoint's own schedule, "
+                        'const:EVAL_ITERS with the iterations it was validated at, or linear:ITER_LEFT,ITER_RIGHT '
+                        'when either is given)')
+    g.add_argument('--iter_left', type=ITERS, default=None,
+                   help="official linear schedule: iterations at scale 1 (default: the checkpoint's eval_iters)")
+    g.add_argument('--iter_right', type=ITERS, default=None,
+                   help="official linear schedule: at the last scale (default: the checkpoint's eval_iters)")
     g.add_argument('--kv_policy', default='per_iteration', choices=KV_POLICIES,
                    help='implicit-block KV cache: per_iteration (official) or lean (one cache, any schedule)')
     g.add_argument('--solver', default='picard', choices=sorted(SOLVERS), help='fixed-point solver')
@@ -44,19 +65,37 @@ def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: 
 
 
 def trunk_step_from_args(args) -> Optional[Callable]:
-    """The compiled per-scale trunk step when --compile, else None (the plain `forward_scale`)."""
+    """The compiled per-scale trunk step when --compile, else None (the plain `models.trunk.run_trunk`)."""
     if not args.compile:
         return None
     return compiled_trunk_step(mode=None if args.compile_mode == 'default' else args.compile_mode)
 
 
+def schedule_is_the_checkpoints(args) -> bool:
+    """Whether no flag chose a schedule, so sampling runs the checkpoint's own (`default_schedule`)."""
+    return args.schedule is None and args.iter_left is None and args.iter_right is None
+
+
+def describe_schedule(args, schedule: IterSchedule) -> str:
+    """The schedule as a run's log and .json show it: its text form, marked when it is the checkpoint's own."""
+    return f"{schedule} (the checkpoint's own)" if schedule_is_the_checkpoints(args) else str(schedule)
+
+
 def schedule_from_args(args, var: VAR, calibration_seed: int = 0) -> IterSchedule:
-    """The per-scale schedule asked for, validated against the model (budgets are resolved by calibration)."""
-    schedule = parse_schedule(args.schedule) if args.schedule else LinearSchedule(args.iter_left, args.iter_right)
+    """The per-scale schedule asked for (by default the checkpoint's own), validated against the model (budgets are
+    resolved by calibration)."""
+    eval_iters = var.config.eval_iters
+    if args.schedule:
+        schedule = parse_schedule(args.schedule)
+    elif schedule_is_the_checkpoints(args):
+        schedule = default_schedule(var)
+    else:
+        schedule = LinearSchedule(eval_iters if args.iter_left is None else args.iter_left,
+                                  eval_iters if args.iter_right is None else args.iter_right)
     solver = make_solver(args.solver)
     schedule = resolve_schedule(var, schedule, seed=calibration_seed, cfg=args.cfg, kv_policy=args.kv_policy,
                                 solver=solver)
-    schedule.caps(len(var.patch_nums))  # raises ScheduleError for a wrong length
+    check_sampling_args(var, schedule=schedule)
     return schedule
 
 

@@ -1,5 +1,24 @@
 """VAR / VIAR models and the multi-scale VQVAE tokenizer.
 
+VIAR is not a class of its own: it is `VAR` with `VARConfig(use_implicit=True)`. Embeddings, head, sampler and
+checkpoint keys are shared; the only difference is the trunk, described once by `trunk.trunk_stages` (VAR: `blocks`;
+VIAR: `pre_blocks`, the implicit layer, `post_blocks`) and run by `trunk.run_trunk` for teacher forcing and sampling.
+
+Files:
+    vae_nets, quantizer, vqvae    the tokenizer: conv encoder/decoder, multi-scale residual quantizer, VQVAE
+    lpips, discriminator          tokenizer training losses
+    blocks                        AdaLN self-attention block, the head's AdaLN
+    implicit                      the implicit layer: fusion MLP, fixed-point map, S-JFB split and cached solve
+    fixed_point                   fixed-point solvers (Picard, Anderson)
+    trunk                         the trunk's stages, run once for teacher forcing and sampling, and its KV caches
+    var                           VARConfig, VAR (= VIAR), the size registry VAR_PRESETS
+    kv_cache                      KV caches and the implicit block's two cache policies
+    sampler, schedules, subnet    the one sampler and the check of its knobs, iterations per scale, VARiant subsets
+    config_base                   config <-> checkpoint dict
+Models are pure: no random generator and no state kept from the last call. A trainer draws the S-JFB counts
+(`no_grad_iters`, `grad_iters`) from the ranges `VARConfig.no_grad_iters_range` / `grad_iters_range` and passes them
+as `sjfb_iters`; `VARConfig.eval_iters` fixes the validation forward and the default sampling schedule.
+
 Shape suffixes used throughout (e.g. `logits_BLV`, `idx_Bl`, `f_hat_BChw`):
     B  batch                         L  tokens of all scales (680 for 256px)    l  tokens of one scale (pn*pn)
     C  transformer width             D  condition width (= C)                    H  attention heads

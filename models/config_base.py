@@ -10,6 +10,13 @@ T = TypeVar('T', bound='ConfigBase')
 class ConfigBase:
     """Mixin for frozen config dataclasses that are saved inside checkpoints as plain dicts."""
 
+    RENAMED_FIELDS: Dict[str, str] = {}  # old field name -> current name, for checkpoints saved before a rename
+
+    @classmethod
+    def current_names(cls, d: Dict[str, Any]) -> Dict[str, Any]:
+        """A saved config dict with the fields of older versions under their current names."""
+        return {cls.RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
+
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
@@ -18,6 +25,7 @@ class ConfigBase:
         """The config from a dict; a ValueError names unknown fields and values of the wrong type."""
         if not isinstance(d, dict):
             raise ValueError(f'{cls.__name__}: expected a dict of fields, found {type(d).__name__}')
+        d = cls.current_names(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names, key=str)
         if unknown:

@@ -1,4 +1,4 @@
-"""Fixed-point solvers for the implicit block and the stochastic Jacobian-free backward (S-JFB).
+"""Fixed-point solvers for the implicit block (models/implicit.py): plain (Picard) iteration and Anderson acceleration.
 
 A fixed-point map is any callable `f(z, it) -> z'`; `it` is the global iteration index, which the per-iteration
 KV cache of cached inference uses. Solvers only decide how to iterate it.
@@ -47,30 +47,6 @@ class FixedPointIteration:
             else:
                 z = z_new
         return z
-
-
-def sjfb(f: FixedPointMap, z0: torch.Tensor, num_no_grad: int, num_grad: int,
-         solver: Optional[FixedPointIteration] = None) -> torch.Tensor:
-    """Stochastic Jacobian-free backprop: `num_no_grad` solver iterations under no_grad, then `num_grad` plain
-    iterations that autograd records, so memory does not grow with `num_no_grad`.
-
-    The official code runs the first phase without `torch.no_grad` (it builds and discards a graph); the gradients
-    are identical, this keeps memory constant.
-    """
-    if num_no_grad < 0 or num_grad < 0:
-        raise ValueError(f'S-JFB iteration counts must be >= 0, got ({num_no_grad}, {num_grad})')
-    if num_no_grad == 0 and num_grad == 0:
-        return z0  # zero iterations: the identity, so gradients still reach whatever produced z0
-    solver = solver or FixedPointIteration()
-    # As in the official code, the recorded iterations start from a detached state: gradient reaches earlier layers
-    # only through the input injection that `f` closes over.
-    z = z0.detach()
-    if num_no_grad > 0:
-        with torch.no_grad():
-            z = solver.solve(f, z, num_no_grad)
-    for t in range(num_grad):
-        z = f(z, num_no_grad + t)
-    return z
 
 
 class AndersonAcceleration:

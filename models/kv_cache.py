@@ -1,6 +1,7 @@
 """Key/value caches for next-scale sampling, and the two policies for the implicit block.
 
 Every cache is preallocated once per sampling call to the tokens it will hold, so no scale re-concatenates.
+`models.trunk.TrunkCaches` lays them out after the trunk's stages.
 
 Implicit-block policies:
 * `per_iteration` (official): one cache per iteration index. Iteration t of scale s attends to the t-th iterate of
@@ -11,7 +12,7 @@ Implicit-block policies:
   ends). Memory is that of one ordinary layer whatever the schedule, and every scale sees the most refined state of
   the earlier ones under any schedule.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -109,40 +110,3 @@ class LeanKVCache:
     @property
     def nbytes(self) -> int:
         return self.cache.nbytes
-
-
-class TrunkCaches:
-    """All KV caches of one sampling call."""
-
-    def __init__(self, var, caps: List[int], adaptive: bool, policy: str = 'per_iteration',
-                 layers_per_scale: Optional[List[Sequence[int]]] = None):
-        if policy not in KV_POLICIES:
-            raise ValueError(f'unknown KV-cache policy {policy!r}; choose from {KV_POLICIES}')
-        L = var.L
-        self.blocks: List[KVCache] = []
-        self.pre: List[KVCache] = []
-        self.post: List[KVCache] = []
-        self.implicit = None
-        if not var.use_implicit:
-            # With a VARiant subnet a layer holds only the tokens of the scales that run it.
-            sizes = [pn * pn for pn in var.patch_nums]
-            per_layer = [sum(n for n, layers in zip(sizes, layers_per_scale) if j in layers) if layers_per_scale
-                         else L for j in range(len(var.blocks))]
-            self.blocks = [KVCache(n) for n in per_layer]
-            return
-        self.pre = [KVCache(L) for _ in var.pre_blocks]
-        self.post = [KVCache(L) for _ in var.post_blocks]
-        if policy == 'lean':
-            self.implicit = LeanKVCache(L)
-        else:
-            # Iteration t stores the scales that run more than t iterations; an adaptive schedule may stop a scale
-            # early, so it reserves the worst case.
-            sizes = [pn * pn for pn in var.patch_nums]
-            max_len = [L if adaptive else sum(n for n, c in zip(sizes, caps) if c > t) for t in range(max(caps))]
-            self.implicit = PerIterationKVCaches(max_len, L)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by every cache of the call."""
-        total = sum(c.nbytes for c in self.blocks + self.pre + self.post)
-        return total + (self.implicit.nbytes if self.implicit is not None else 0)

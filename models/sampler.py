@@ -1,19 +1,26 @@
-"""The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p, editing) used by every entry point."""
+"""The one class-conditional next-scale sampler (KV-cached, CFG, top-k/top-p, editing) used by every entry point.
+
+Each scale runs the model's trunk (`models.trunk.run_trunk`, the code teacher forcing runs) on that scale's tokens
+with KV caches. `check_sampling_args` is the one validation of the sampling knobs, shared with the CLIs.
+"""
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import TrunkCaches
 from .schedules import BudgetSchedule, ConstantSchedule, IterSchedule, ListSchedule, allocate_budget
 from .subnet import SubnetSpec
+from .trunk import TrunkCaches, run_trunk
 
 # more_smooth (Gumbel-softmax token mixing, MaskGIT-style) temperature: max(0.27 * (1 - 0.95 r), 0.005).
 SMOOTH_TAU0, SMOOTH_TAU_DECAY, SMOOTH_TAU_MIN = 0.27, 0.95, 0.005
 # Editing: a scale whose map has at most this many tokens is taken whole from the source image (official rule).
 EDIT_FORCE_WHOLE_MAX_TOKENS = 3
+MAX_CFG = 1000.0          # far beyond any useful guidance; larger values overflow the logits
+MAX_SEED = 2 ** 63 - 1    # seeds are 64-bit signed integers in torch and numpy
 
 
 def image_seed(seed: int, index: int) -> int:
@@ -159,35 +166,6 @@ def zero_shot_edit(var, img_B3HW: torch.Tensor, keep_mask_BHW: torch.Tensor, lab
     return autoregressive_infer_cfg(var, B, label_B, edit=edit, **sampling_kwargs)
 
 
-def forward_scale(var, x_BlC: torch.Tensor, cond_gss: torch.Tensor, caches: TrunkCaches, num_iters: int,
-                  solver=None, tol: Optional[float] = None, trace: Optional[List[dict]] = None,
-                  layers: Optional[Sequence[int]] = None):
-    """Run the trunk on one scale's tokens with KV caching (no mask: a scale sees itself and all coarser ones).
-
-    `layers` restricts an explicit VAR to those blocks (VARiant subnet). Returns (hidden states, implicit
-    iterations run).
-    """
-    if not var.use_implicit:
-        for j, (block, cache) in enumerate(zip(var.blocks, caches.blocks)):
-            if layers is None or j in layers:
-                x_BlC = block(x_BlC, cond_gss, None, cache)
-        return x_BlC, 0
-    for block, cache in zip(var.pre_blocks, caches.pre):
-        x_BlC = block(x_BlC, cond_gss, None, cache)
-    f = var.implicit_map(x_BlC, cond_gss, None, caches.implicit)
-    calls = [0]
-
-    def counted(z: torch.Tensor, it: int) -> torch.Tensor:
-        calls[0] += 1
-        return f(z, it)
-
-    x_BlC = (solver or var.solver).solve(counted, x_BlC, num_iters, tol=tol, trace=trace)
-    caches.implicit.end_scale()
-    for block, cache in zip(var.post_blocks, caches.post):
-        x_BlC = block(x_BlC, cond_gss, None, cache)
-    return x_BlC, calls[0]
-
-
 # torch.compile of the per-scale trunk step: static shapes give one graph per scale (times batch sizes, schedules and
 # VARiant layer sets seen), more than dynamo's default of 8 recompilations per function.
 COMPILE_MAX_GRAPHS = 256
@@ -195,11 +173,11 @@ _COMPILED_STEPS: Dict[tuple, Callable] = {}
 
 
 def compiled_trunk_step(backend: str = 'inductor', mode: Optional[str] = None) -> Callable:
-    """`forward_scale` under torch.compile with static shapes: one graph per scale, whose KV-cache writes go to
+    """`run_trunk` under torch.compile with static shapes: one graph per scale, whose KV-cache writes go to
     preallocated buffers at fixed offsets, so that CUDA graphs (mode='reduce-overhead') can capture each scale."""
     key = (backend, mode)
     if key not in _COMPILED_STEPS:
-        compiled = torch.compile(forward_scale, backend=backend, mode=mode, dynamic=False)
+        compiled = torch.compile(run_trunk, backend=backend, mode=mode, dynamic=False)
 
         def step(*args, **kwargs):
             with torch._dynamo.config.patch(recompile_limit=COMPILE_MAX_GRAPHS):
@@ -208,18 +186,37 @@ def compiled_trunk_step(backend: str = 'inductor', mode: Optional[str] = None) -
     return _COMPILED_STEPS[key]
 
 
-def check_sampling_args(var, label_B, cfg: float, top_k: int, top_p: float):
-    """Raise ValueError for arguments the sampler cannot honour."""
-    if not 0.0 <= top_p <= 1.0:
-        raise ValueError(f'top_p must lie in [0, 1], got {top_p}')
-    if top_k < 0:
+def check_sampling_args(var=None, cfg: Optional[float] = None, top_k: Optional[int] = None,
+                        top_p: Optional[float] = None, schedule: Optional[IterSchedule] = None,
+                        image_seeds: Optional[Sequence[int]] = None, B: Optional[int] = None, label_B=None):
+    """Raise ValueError (its message starts with the knob's name) for sampling knobs the sampler cannot honour.
+
+    The one check of these knobs: the sampler runs it on every call and the CLIs' flag types and model loading run
+    it on theirs. Knobs left None are not checked; `schedule` and `label_B` need the model `var`.
+    """
+    if cfg is not None and not (math.isfinite(cfg) and 0 <= cfg <= MAX_CFG):
+        raise ValueError(f'cfg must be a finite number in [0, {MAX_CFG:g}], got {cfg}')
+    if top_k is not None and top_k < 0:
         raise ValueError(f'top_k must be >= 0, got {top_k}')
-    if cfg < 0:
-        raise ValueError(f'cfg must be >= 0, got {cfg}')
+    if top_p is not None and not (math.isfinite(top_p) and 0 <= top_p <= 1):
+        raise ValueError(f'top_p must lie in [0, 1], got {top_p}')
+    if image_seeds is not None:
+        if B is not None and len(image_seeds) != B:
+            raise ValueError(f'image seeds: got {len(image_seeds)} for a batch of {B}')
+        wrong = [s for s in image_seeds if not 0 <= s <= MAX_SEED]
+        if wrong:
+            raise ValueError(f'seeds must lie in [0, {MAX_SEED}], got {wrong[0]}')
+    if schedule is not None and var is not None:
+        schedule.caps(len(var.patch_nums))  # a ScheduleError (a ValueError) for a wrong length or count
     if isinstance(label_B, torch.Tensor) and label_B.numel() and not label_B.is_meta and (
             label_B.min() < 0 or label_B.max() > var.num_classes):
         raise ValueError(f'class ids must lie in [0, {var.num_classes - 1}] ({var.num_classes} = unconditional), '
                          f'got {label_B.min().item()}..{label_B.max().item()}')
+
+
+def default_schedule(var) -> IterSchedule:
+    """The checkpoint's own schedule: `config.eval_iters` at every scale, the count it was validated at."""
+    return ConstantSchedule(var.config.eval_iters)
 
 
 @torch.no_grad()
@@ -235,32 +232,31 @@ def autoregressive_infer_cfg(
     label_B: None draws classes, an int fills the batch (negative = the null class), a tensor gives one class per
     image. Randomness: `image_seeds` (one seed per image) or `g_seed` (one generator for the batch, the official
     semantics) or neither (global RNG). `schedule` sets the implicit iterations per scale (VIAR only; default
-    `implicit_eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit block is cached and solved.
-    `edit` forces source tokens where its masks say so. `trace`, when a dict, receives per scale the fixed-point
-    residual/cosine of every iteration. With `return_idx` the token pyramid (list of (B, pn*pn)) follows the images.
-    `stats`, when a dict, receives 'iters' (implicit iterations run per scale), 'layers' (blocks run per scale),
-    'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales to a VARiant subnet.
-    `trunk_step` replaces `forward_scale` (e.g. `compiled_trunk_step()`).
+    `default_schedule`: the checkpoint's `eval_iters` everywhere); `kv_policy` and `solver` choose how the implicit
+    block is cached and solved. `edit` forces source tokens where its masks say so. `trace`, when a dict, receives
+    per scale the fixed-point residual/cosine of every iteration. With `return_idx` the token pyramid (list of
+    (B, pn*pn)) follows the images. `stats`, when a dict, receives 'iters' (implicit iterations run per scale),
+    'layers' (blocks run per scale), 'kv_bytes' and 'kv_caches'. `subnet` (explicit VAR only) switches later scales
+    to a VARiant subnet. `trunk_step` replaces `run_trunk` (e.g. `compiled_trunk_step()`).
     """
     vae = var.vae
     device = var.lvl_1L.device
     K = len(var.patch_nums)
-    if image_seeds is not None and len(image_seeds) != B:
-        raise ValueError(f'got {len(image_seeds)} image seeds for a batch of {B}')
+    schedule = schedule or default_schedule(var)
+    check_sampling_args(var, cfg=cfg, top_k=top_k, top_p=top_p, schedule=schedule, image_seeds=image_seeds, B=B)
     rng = SamplerRNG(device, g_seed=g_seed, image_seeds=image_seeds)
     if label_B is None:
         label_B = rng.labels(B, var.num_classes, device)
     elif isinstance(label_B, int):
         label_B = torch.full((B,), var.num_classes if label_B < 0 else label_B, device=device)
     label_B = label_B.to(device)
-    check_sampling_args(var, label_B, cfg, top_k, top_p)
+    check_sampling_args(var, label_B=label_B)
 
-    schedule = schedule or ConstantSchedule(var.config.implicit_eval_iters)
     caps = schedule.caps(K) if var.use_implicit else [0] * K
     if subnet is not None and var.use_implicit:
         raise ValueError('VARiant depth switching (subnet) applies to explicit VAR models, not VIAR')
     layers_per_scale = subnet.layers_per_scale(var.depth, K) if subnet is not None else None
-    caches = TrunkCaches(var, caps, adaptive=schedule.tol is not None, policy=kv_policy,
+    caches = TrunkCaches(var.stages, var.patch_nums, caps, adaptive=schedule.tol is not None, policy=kv_policy,
                          layers_per_scale=layers_per_scale)
 
     sos = cond_BD = var.class_emb(torch.cat((label_B, torch.full_like(label_B, var.num_classes)), dim=0))
@@ -277,9 +273,10 @@ def autoregressive_infer_cfg(
         ratio = si / var.num_stages_minus_1
         cur_L += pn * pn
         scale_trace = None if trace is None else trace.setdefault(si, [])
-        x_BlC, n_run = (trunk_step or forward_scale)(var, next_token_map, cond_gss, caches, caps[si], solver=solver,
-                                                     tol=schedule.tol, trace=scale_trace,
-                                                     layers=None if layers_per_scale is None else layers_per_scale[si])
+        # No mask: a scale sees itself and every coarser one (through the caches).
+        x_BlC, n_run = (trunk_step or run_trunk)(var, next_token_map, cond_gss, None, caches, no_grad_iters=caps[si],
+                                                 solver=solver, tol=schedule.tol, trace=scale_trace,
+                                                 layers=None if layers_per_scale is None else layers_per_scale[si])
         iters_run.append(n_run)
         logits_BlV = var.get_logits(x_BlC, cond_BD)
         t = cfg * ratio

@@ -1,5 +1,6 @@
 """Convolutional encoder and decoder of the multi-scale VQVAE (LDM/taming layout, official key names)."""
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -75,20 +76,41 @@ class AttnBlock(nn.Module):
         return x_BChw + self.proj_out(out_BlC.transpose(1, 2).reshape(B, C, h, w))
 
 
-def _make_attn(channels: int, enabled: bool) -> nn.Module:
-    return AttnBlock(channels) if enabled else nn.Identity()
+class MidBlock(nn.Module):
+    """ResNet block - self-attention (optional) - ResNet block at the lowest resolution (keys `mid.block_1` ...)."""
+
+    def __init__(self, channels: int, dropout: float, using_sa: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout=dropout)
+        self.attn_1 = AttnBlock(channels) if using_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout=dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+@dataclass(frozen=True)
+class CoderConfig:
+    """The shape of the encoder and the decoder (the official `ddconfig`): one level per entry of ch_mult."""
+    z_channels: int
+    ch: int = 128
+    ch_mult: Tuple[int, ...] = (1, 2, 4, 8)
+    num_res_blocks: int = 2
+    dropout: float = 0.0
+    in_channels: int = 3
+    using_sa: bool = True       # self-attention at the lowest resolution
+    using_mid_sa: bool = True   # self-attention in the middle block
 
 
 class Encoder(nn.Module):
     """Image (B,3,H,W) in [-1,1] -> latent (B,z,H/2^(levels-1),W/2^(levels-1))."""
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2,
-                 dropout: float = 0.0, in_channels: int = 3, z_channels: int, using_sa: bool = True,
-                 using_mid_sa: bool = True):
+    def __init__(self, cfg: CoderConfig):
         super().__init__()
+        ch, ch_mult, num_res_blocks, dropout = cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.dropout
         self.num_resolutions = len(ch_mult)
         self.downsample_ratio = 2 ** (self.num_resolutions - 1)
-        self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, kernel_size=3, stride=1, padding=1)
 
         in_ch_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
@@ -101,7 +123,7 @@ class Encoder(nn.Module):
             for _ in range(num_res_blocks):
                 block.append(ResnetBlock(block_in, block_out, dropout=dropout))
                 block_in = block_out
-                if is_last and using_sa:
+                if is_last and cfg.using_sa:
                     attn.append(AttnBlock(block_in))
             down = nn.Module()
             down.block, down.attn = block, attn
@@ -109,12 +131,9 @@ class Encoder(nn.Module):
                 down.downsample = Downsample2x(block_in)
             self.down.append(down)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = _make_attn(block_in, using_mid_sa)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = MidBlock(block_in, dropout, cfg.using_mid_sa)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x_B3HW)
@@ -125,25 +144,21 @@ class Encoder(nn.Module):
                     h = down.attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = down.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
 class Decoder(nn.Module):
     """Latent (B,z,h,w) -> image (B,3,h*2^(levels-1),w*2^(levels-1)), unclamped."""
 
-    def __init__(self, *, ch: int = 128, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int = 2,
-                 dropout: float = 0.0, in_channels: int = 3, z_channels: int, using_sa: bool = True,
-                 using_mid_sa: bool = True):
+    def __init__(self, cfg: CoderConfig):
         super().__init__()
+        ch, ch_mult, num_res_blocks, dropout = cfg.ch, cfg.ch_mult, cfg.num_res_blocks, cfg.dropout
         self.num_resolutions = len(ch_mult)
         block_in = ch * ch_mult[-1]
-        self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = _make_attn(block_in, using_mid_sa)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = MidBlock(block_in, dropout, cfg.using_mid_sa)
 
         # Built from the lowest resolution up, but stored so that `up[i]` is level i (official key order).
         ups = []
@@ -153,7 +168,7 @@ class Decoder(nn.Module):
             for _ in range(num_res_blocks + 1):
                 block.append(ResnetBlock(block_in, block_out, dropout=dropout))
                 block_in = block_out
-                if i_level == self.num_resolutions - 1 and using_sa:
+                if i_level == self.num_resolutions - 1 and cfg.using_sa:
                     attn.append(AttnBlock(block_in))
             up = nn.Module()
             up.block, up.attn = block, attn
@@ -163,10 +178,10 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(ups)
 
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
+        h = self.mid(self.conv_in(z_BChw))
         for i_level in reversed(range(self.num_resolutions)):
             up = self.up[i_level]
             for i_block, block in enumerate(up.block):

@@ -1,19 +1,22 @@
-"""VAR (explicit depth) and VIAR (pre-blocks, one weight-tied implicit block, post-blocks) next-scale transformers."""
+"""VAR (explicit depth) and VIAR (pre-blocks, one weight-tied implicit block, post-blocks) next-scale transformers.
+
+One class: `VARConfig.use_implicit` selects the trunk (models/trunk.py), which is the only place the two differ.
+"""
 import contextlib
 import math
-import random
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, KVCache, SharedAdaLin
+from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .config_base import ConfigBase
-from .fixed_point import FixedPointIteration, FixedPointMap, sjfb
+from .implicit import FusionMLP
 from .sampler import autoregressive_infer_cfg
 from .schedules import IterSchedule, LinearSchedule
 from .subnet import SubnetSpec
+from .trunk import ImplicitStage, run_trunk, trunk_stages
 from .vqvae import DEFAULT_PATCH_NUMS
 
 HEAD_DIM = 64                 # width = 64 * depth, heads = depth
@@ -46,9 +49,13 @@ class VARConfig(ConfigBase):
     use_implicit: bool = False
     pre_depth: int = 5
     post_depth: int = 5
-    implicit_no_grad_iters: Tuple[int, int] = (0, 10)  # S-JFB: inclusive range of detached iterations
-    implicit_grad_iters: Tuple[int, int] = (1, 12)     # S-JFB: inclusive range of recorded iterations
-    implicit_eval_iters: int = 10                      # teacher-forced forward in eval mode
+    no_grad_iters_range: Tuple[int, int] = (0, 10)  # S-JFB: inclusive range of the detached iterations drawn
+    grad_iters_range: Tuple[int, int] = (1, 12)     # S-JFB: inclusive range of the recorded iterations drawn
+    eval_iters: int = 10                            # validation forward and the default sampling schedule
+
+    # Fields saved under older names: checkpoints written with them still load.
+    RENAMED_FIELDS = {'implicit_no_grad_iters': 'no_grad_iters_range', 'implicit_grad_iters': 'grad_iters_range',
+                      'implicit_eval_iters': 'eval_iters'}
 
     def __post_init__(self):
         derived = {'embed_dim': HEAD_DIM * self.depth, 'num_heads': self.depth,
@@ -66,12 +73,12 @@ class VARConfig(ConfigBase):
             if not (0 <= self.pre_depth <= self.depth and 0 <= self.post_depth <= self.depth):
                 raise ValueError(f'pre_depth {self.pre_depth} and post_depth {self.post_depth} must lie in '
                                  f'[0, depth={self.depth}]')
-            for name, lo_min in (('implicit_no_grad_iters', 0), ('implicit_grad_iters', 1)):
+            for name, lo_min in (('no_grad_iters_range', 0), ('grad_iters_range', 1)):
                 lo, hi = getattr(self, name)
                 if not lo_min <= lo <= hi:
                     raise ValueError(f'{name}=({lo}, {hi}) must satisfy {lo_min} <= min <= max')
-            if self.implicit_eval_iters < 0:
-                raise ValueError(f'implicit_eval_iters must be >= 0, got {self.implicit_eval_iters}')
+            if self.eval_iters < 0:
+                raise ValueError(f'eval_iters must be >= 0, got {self.eval_iters}')
 
     @property
     def L(self) -> int:
@@ -120,7 +127,11 @@ class VARConfig(ConfigBase):
 
 
 class VAR(nn.Module):
-    """Class-conditional next-scale prediction transformer; `config.use_implicit` selects the VIAR trunk."""
+    """Class-conditional next-scale prediction transformer; `config.use_implicit` selects the VIAR trunk.
+
+    A pure function of its weights and inputs: it holds no random generator and no state from the last call (class
+    dropout in training draws from torch's global RNG, like dropout).
+    """
 
     def __init__(self, config: VARConfig = VARConfig()):
         super().__init__()
@@ -168,17 +179,16 @@ class VAR(nn.Module):
                                  attn_drop=config.attn_drop_rate, drop_path=dpr[layer_idx], norm_eps=config.norm_eps,
                                  shared_aln=config.shared_aln, attn_l2_norm=config.attn_l2_norm)
 
-        if config.use_implicit:
-            # Drop-path rates follow the nominal layer each block stands for: pre-blocks are layers 0.., the implicit
-            # block is the middle layer, post-blocks are the last layers (checkpoint-compatible with VIAR).
-            self.pre_blocks = nn.ModuleList([make_block(i) for i in range(config.pre_depth)])
-            self.implicit_block_projection = nn.Sequential(
-                nn.Linear(2 * C, 2 * C), nn.GELU(approximate='tanh'), nn.Linear(2 * C, C))
-            self.implicit_block = make_block(config.depth // 2)
-            first_post = config.depth - config.post_depth
-            self.post_blocks = nn.ModuleList([make_block(first_post + i) for i in range(config.post_depth)])
-        else:
-            self.blocks = nn.ModuleList([make_block(i) for i in range(config.depth)])
+        # VAR: self.blocks; VIAR: self.pre_blocks, self.implicit_block_projection (the fusion MLP),
+        # self.implicit_block, self.post_blocks; in this order, which is the order of initialisation.
+        self.stages = trunk_stages(config)
+        for stage in self.stages:
+            if isinstance(stage, ImplicitStage):
+                setattr(self, stage.fusion, FusionMLP(C))
+                setattr(self, stage.block, make_block(stage.layer))
+            else:
+                setattr(self, stage.name, nn.ModuleList([make_block(stage.first_layer + i)
+                                                         for i in range(stage.depth)]))
 
         # Scale index of every token and the block-causal mask; persistent because released checkpoints hold them.
         d = torch.cat([torch.full((pn * pn,), i) for i, pn in enumerate(self.patch_nums)]).view(1, self.L, 1)
@@ -190,9 +200,6 @@ class VAR(nn.Module):
         self.head_nm = AdaLNBeforeHead(C, D, norm_eps=config.norm_eps)
         self.head = nn.Linear(C, self.V)
 
-        self.solver = FixedPointIteration()
-        self.iter_rng = random.Random()  # S-JFB draws; seed per rank with `seed_implicit_iters`
-        self.last_implicit_iters: Optional[Tuple[int, int]] = None
         self._vae = None
         self.init_weights(config.init_adaln, config.init_adaln_gamma, config.init_head, config.init_std)
 
@@ -200,9 +207,8 @@ class VAR(nn.Module):
     @property
     def trunk_blocks(self) -> List[AdaLNSelfAttn]:
         """All transformer blocks in execution order (the implicit block once)."""
-        if self.use_implicit:
-            return [*self.pre_blocks, self.implicit_block, *self.post_blocks]
-        return list(self.blocks)
+        return [block for stage in self.stages for block in
+                ([getattr(self, stage.block)] if isinstance(stage, ImplicitStage) else getattr(self, stage.name))]
 
     @torch.no_grad()
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02,
@@ -248,40 +254,19 @@ class VAR(nn.Module):
             raise RuntimeError('no VQVAE attached: call var.attach_vae(vae) (build_vae_var does this)')
         return self._vae[0]
 
-    def seed_implicit_iters(self, seed: int):
-        """Seed the generator of the S-JFB iteration draws (use a different seed per rank)."""
-        self.iter_rng.seed(seed)
-
-    def draw_implicit_iters(self) -> Tuple[int, int]:
-        """(no-grad, with-grad) counts: random in training (S-JFB), (0, implicit_eval_iters) in eval mode."""
-        if not self.training:
-            return 0, self.config.implicit_eval_iters
-        return (self.iter_rng.randint(*self.config.implicit_no_grad_iters),
-                self.iter_rng.randint(*self.config.implicit_grad_iters))
-
     # ---- pieces shared by teacher forcing and sampling -------------------------------------------------------------
     def get_logits(self, h_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
         """Head on fp32 inputs; logits (B, L, V) in fp32."""
         return self.head(self.head_nm(h_BLC.float(), cond_BD.float()).float()).float()
 
-    def implicit_map(self, u_BLC: torch.Tensor, cond: torch.Tensor, attn_bias: Optional[torch.Tensor],
-                     caches: Optional[Dict[int, KVCache]] = None) -> FixedPointMap:
-        """The fixed-point map z -> ImplicitBlock(Proj(cat(z, u))) for injection u; caches keyed by iteration."""
-
-        def f(z_BLC: torch.Tensor, it: int) -> torch.Tensor:
-            fused = self.implicit_block_projection(torch.cat((z_BLC, u_BLC), dim=-1))
-            return self.implicit_block(fused, cond, attn_bias, None if caches is None else caches[it])
-
-        return f
-
     # ---- teacher-forced forward ----------------------------------------------------------------------------------
     def forward(self, label_B: torch.LongTensor, x_BLCv_wo_first_l: torch.Tensor,
-                implicit_iters: Optional[Tuple[int, int]] = None, subnet: Optional[SubnetSpec] = None) -> torch.Tensor:
+                sjfb_iters: Optional[Tuple[int, int]] = None, subnet: Optional[SubnetSpec] = None) -> torch.Tensor:
         """Teacher forcing: logits (B, L, V) for all scales at once under the block-causal mask.
 
-        For VIAR, `implicit_iters=(no_grad, with_grad)` fixes the S-JFB counts; by default they are drawn by
-        `draw_implicit_iters` and recorded in `last_implicit_iters`. For VAR, `subnet` runs the scales after its
-        bridge through its layers only (VARiant); the bridge scales still run every layer.
+        For VIAR, `sjfb_iters=(no_grad_iters, grad_iters)` are the S-JFB counts of this call (a trainer draws them);
+        the default (0, config.eval_iters) is the deterministic validation forward. For VAR, `subnet` runs the scales
+        after its bridge through its layers only (VARiant); the bridge scales still run every layer.
         """
         B = x_BLCv_wo_first_l.shape[0]
         device_type = x_BLCv_wo_first_l.device.type
@@ -305,34 +290,11 @@ class VAR(nn.Module):
 
         if self.use_implicit and subnet is not None:
             raise ValueError('VARiant depth switching (subnet) applies to explicit VAR models, not VIAR')
-        if self.use_implicit:
-            for block in self.pre_blocks:
-                x_BLC = block(x_BLC, cond_gss, attn_bias)
-            n_ng, n_g = implicit_iters if implicit_iters is not None else self.draw_implicit_iters()
-            self.last_implicit_iters = (n_ng, n_g)
-            x_BLC = sjfb(self.implicit_map(x_BLC, cond_gss, attn_bias), x_BLC, n_ng, n_g, self.solver)
-            for block in self.post_blocks:
-                x_BLC = block(x_BLC, cond_gss, attn_bias)
-        elif subnet is None:
-            for block in self.blocks:
-                x_BLC = block(x_BLC, cond_gss, attn_bias)
-        else:
-            x_BLC = self._subnet_trunk(x_BLC, cond_gss, attn_bias, subnet)
+        no_grad_iters, grad_iters = (0, self.config.eval_iters) if sjfb_iters is None else sjfb_iters
+        layers = None if subnet is None else subnet.layers(self.depth)
+        x_BLC, _ = run_trunk(self, x_BLC, cond_gss, attn_bias, no_grad_iters=no_grad_iters, grad_iters=grad_iters,
+                             layers=layers, inactive_tokens=0 if subnet is None else self.bridge_tokens(subnet.bridge))
         return self.get_logits(x_BLC, cond_BD)
-
-    def _subnet_trunk(self, x_BLC: torch.Tensor, cond_gss: torch.Tensor, attn_bias: torch.Tensor,
-                      subnet: SubnetSpec) -> torch.Tensor:
-        """Layers outside the subnet act on the bridge tokens only. Exact, because bridge tokens never attend to
-        later scales; later scales then see the bridge through the subnet's layers, as in cached sampling."""
-        active = set(subnet.layers(self.depth))
-        L_bridge = self.bridge_tokens(subnet.bridge)
-        for j, block in enumerate(self.blocks):
-            if j in active:
-                x_BLC = block(x_BLC, cond_gss, attn_bias)
-            elif L_bridge > 0:
-                head = block(x_BLC[:, :L_bridge], cond_gss, attn_bias[..., :L_bridge, :L_bridge])
-                x_BLC = torch.cat((head, x_BLC[:, L_bridge:]), dim=1)
-        return x_BLC
 
     def bridge_tokens(self, bridge: int) -> int:
         """Number of tokens in the first `bridge` scales."""
@@ -340,15 +302,20 @@ class VAR(nn.Module):
 
     # ---- sampling ------------------------------------------------------------------------------------------------
     def autoregressive_infer_cfg(self, B: int, label_B, g_seed: Optional[int] = None, cfg: float = 1.5,
-                                 top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False, iter_left: int = 10,
-                                 iter_right: int = 10, schedule: Optional[IterSchedule] = None, **sampler_kwargs):
+                                 top_k: int = 0, top_p: float = 0.0, more_smooth: bool = False,
+                                 iter_left: Optional[int] = None, iter_right: Optional[int] = None,
+                                 schedule: Optional[IterSchedule] = None, **sampler_kwargs):
         """The official sampling entry point: images (B, 3, H, W) in [0, 1].
 
-        `iter_left`/`iter_right` give the official linear schedule of implicit iterations; `schedule` overrides it.
-        Further keyword arguments (image_seeds, kv_policy, solver, edit, trace, return_idx) go to
-        `models.sampler.autoregressive_infer_cfg`.
+        `iter_left`/`iter_right` give the official linear schedule of implicit iterations (one left out: the
+        checkpoint's `eval_iters`); `schedule` overrides it; with none of them, the checkpoint's own schedule
+        (`models.sampler.default_schedule`). Further keyword arguments (image_seeds, kv_policy, solver, edit, trace,
+        return_idx, ...) go to `models.sampler.autoregressive_infer_cfg`.
         """
-        schedule = schedule or LinearSchedule(iter_left, iter_right)
+        if schedule is None and (iter_left, iter_right) != (None, None):
+            eval_iters = self.config.eval_iters
+            schedule = LinearSchedule(eval_iters if iter_left is None else iter_left,
+                                      eval_iters if iter_right is None else iter_right)
         return autoregressive_infer_cfg(self, B, label_B, g_seed=g_seed, cfg=cfg, top_k=top_k, top_p=top_p,
                                         more_smooth=more_smooth, schedule=schedule, **sampler_kwargs)
 
@@ -372,8 +339,7 @@ VAR_PRESETS: Dict[str, VARConfig] = {
     # The CPU demo (Fashion-MNIST, 32px, with vae-demo-fmnist32): width 128, 1 pre- and 1 post-block, short S-JFB.
     'viar-demo': VARConfig(depth=4, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 4, 6, 8),
                            vocab_size=256, Cvae=16, init_adaln_gamma=1e-3, use_implicit=True, pre_depth=1,
-                           post_depth=1, implicit_no_grad_iters=(0, 3), implicit_grad_iters=(1, 3),
-                           implicit_eval_iters=3),
+                           post_depth=1, no_grad_iters_range=(0, 3), grad_iters_range=(1, 3), eval_iters=3),
     # Its explicit counterpart for the reproduction benchmark: same width, 9 blocks, so viar-demo has 39 % of its
     # parameters (the paper's VIAR has 38.4 % of VAR-d30's).
     'var-demo': VARConfig(depth=9, embed_dim=128, num_heads=4, num_classes=10, patch_nums=(1, 2, 3, 4, 6, 8),

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .config_base import ConfigBase
 from .quantizer import MultiScaleQuantizer
-from .vae_nets import Decoder, Encoder
+from .vae_nets import CoderConfig, Decoder, Encoder
 
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -99,11 +99,11 @@ class VQVAE(nn.Module):
         self.config = config
         self.V, self.Cvae = config.vocab_size, config.z_channels
         self.downsample = config.downsample
-        ddconfig = dict(ch=config.ch, ch_mult=config.ch_mult, num_res_blocks=config.num_res_blocks,
-                        dropout=config.dropout, in_channels=3, z_channels=config.z_channels,
-                        using_sa=config.using_sa, using_mid_sa=config.using_mid_sa)
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
+        coder = CoderConfig(ch=config.ch, ch_mult=tuple(config.ch_mult), num_res_blocks=config.num_res_blocks,
+                            dropout=config.dropout, z_channels=config.z_channels, using_sa=config.using_sa,
+                            using_mid_sa=config.using_mid_sa)
+        self.encoder = Encoder(coder)
+        self.decoder = Decoder(coder)
         self.quantize = MultiScaleQuantizer(
             vocab_size=config.vocab_size, Cvae=config.z_channels, patch_nums=config.patch_nums,
             using_znorm=config.using_znorm, beta=config.beta, default_qresi_counts=config.default_qresi_counts,

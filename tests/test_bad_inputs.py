@@ -476,7 +476,7 @@ NUMERIC = [
     (T, train_args, '--max_nonfinite', '0'), (T, train_args, '--log_freq', '0'), (T, train_args, '--dist_timeout', '0'),
     (T, train_args, '--mid_reso', '0.5'), (T, train_args, '--workers', '-2'), (T, train_args, '--depth', '0'),
     (T, train_args, '--embed_dim', '-64'), (T, train_args, '--num_heads', '0'), (T, train_args, '--p_depth', '-1'),
-    (T, train_args, '--no_grad_iters', '0', '5000'), (T, train_args, '--eval_iters', '-1'),
+    (T, train_args, '--no_grad_iters_range', '0', '5000'), (T, train_args, '--eval_iters', '-1'),
     (T, train_args, '--init_std', 'nan'), (T, train_args, '--cond_drop_rate', '1.5'),
     (T, train_args, '--subnet_p_start', '2'), (T, train_args, '--phase1_epochs', '-1'), (T, train_args, '--pn', '0_1'),
     (TT, tokenizer_args, '--vocab_size', '0'), (TT, tokenizer_args, '--z_channels', '0'),

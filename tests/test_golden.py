@@ -72,7 +72,7 @@ def test_teacher_forced_logits(golden, vae, name):
     # The official VIAR run used 3 detached + 2 recorded iterations.
     iters = (3, 2) if name == 'viar' else None
     with torch.no_grad():
-        logits = var(io['label_B'], io['x_BLCv_wo_first_l'], implicit_iters=iters)
+        logits = var(io['label_B'], io['x_BLCv_wo_first_l'], sjfb_iters=iters)
     ref = io[f'{name}_logits_BLV']
     assert logits.shape == ref.shape
     assert (logits - ref).abs().max() < TOL

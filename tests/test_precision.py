@@ -21,8 +21,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 CPU = torch.device('cpu')
 TINY_AR = ['--depth', '2', '--embed_dim', '64', '--num_heads', '2', '--use_implicit', '--p_depth', '1',
-           '--no_grad_iters', '0', '2', '--grad_iters', '1', '2', '--bs', '8', '--workers', '0', '--no-progress',
-           '--max_steps', '2', '--log_freq', '1']
+           '--no_grad_iters_range', '0', '2', '--grad_iters_range', '1', '2', '--bs', '8', '--workers', '0',
+           '--no-progress', '--max_steps', '2', '--log_freq', '1']
 TINY_VAE = ['--vocab_size', '32', '--z_channels', '8', '--ch', '32', '--ch_mult', '1', '2', '--num_res_blocks', '1',
             '--pn', '1_2_3_8', '--bs', '8', '--workers', '0', '--no-progress', '--max_steps', '2', '--log_freq', '1']
 

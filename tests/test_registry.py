@@ -81,7 +81,7 @@ def test_config_round_trip_and_errors():
         VARConfig(depth=2, embed_dim=100, num_heads=3)
     with pytest.raises(ValueError, match='pre_depth'):
         VARConfig(depth=2, use_implicit=True, pre_depth=3, post_depth=1)
-    with pytest.raises(ValueError, match='implicit_grad_iters'):
-        VARConfig(depth=2, use_implicit=True, pre_depth=1, post_depth=1, implicit_grad_iters=(0, 2))
+    with pytest.raises(ValueError, match='grad_iters_range'):
+        VARConfig(depth=2, use_implicit=True, pre_depth=1, post_depth=1, grad_iters_range=(0, 2))
     with pytest.raises(ValueError, match='patch_nums'):
         VARConfig(depth=2, patch_nums=(2, 1))

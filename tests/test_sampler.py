@@ -1,13 +1,19 @@
 """The sampler: per-image seeding, KV-cache policies, solvers, adaptive and budget schedules, zero-shot editing."""
+import contextlib
+import io
+
 import pytest
 import torch
 
+from generation import sampling_cli
+from generation.sampling_flags import describe_schedule, schedule_from_args
 from models.fixed_point import AndersonAcceleration, FixedPointIteration, make_solver
 import models.sampler as sampler_module
-from models.sampler import (autoregressive_infer_cfg, compiled_trunk_step, image_seed, implicit_iteration_flops,
-                            make_edit_spec, resolve_schedule, top_k_top_p_filter_, zero_shot_edit)
-from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, ListSchedule, ScheduleError,
-                              allocate_budget, parse_schedule)
+from models.sampler import (autoregressive_infer_cfg, check_sampling_args, compiled_trunk_step, default_schedule,
+                            image_seed, implicit_iteration_flops, make_edit_spec, resolve_schedule, top_k_top_p_filter_,
+                            zero_shot_edit)
+from models.schedules import (AdaptiveSchedule, BudgetSchedule, ConstantSchedule, LinearSchedule, ListSchedule,
+                              ScheduleError, allocate_budget, parse_schedule)
 from tests.tiny import make_vae, make_var
 
 
@@ -63,7 +69,7 @@ def test_per_iteration_caches_are_preallocated_exactly(viar):
     assert stats['iters'] == [2, 1, 0, 3]
     sizes = {it: (c.len, c.max_len) for it, c in caches.implicit.items()}
     assert sizes == {0: (21, 21), 1: (17, 17), 2: (16, 16)}  # scales with more than `it` iterations: 1+4+16, 1+16, 16
-    assert all(c.len == c.max_len == viar.L for c in caches.pre + caches.post)
+    assert all(c.len == c.max_len == viar.L for c in caches.explicit['pre_blocks'] + caches.explicit['post_blocks'])
 
 
 def _contractive(var):
@@ -151,9 +157,21 @@ def test_editing_keeps_source_tokens_and_generates_the_region(viar):
 
 
 def test_sampling_argument_errors(viar):
-    for kw, msg in ((dict(top_p=1.5), 'top_p'), (dict(top_k=-1), 'top_k'), (dict(cfg=-1.0), 'cfg')):
+    parser = sampling_cli.get_parser()
+    for kw, msg in ((dict(top_p=1.5), 'top_p'), (dict(top_k=-1), 'top_k'), (dict(cfg=-1.0), 'cfg'),
+                    (dict(cfg=float('nan')), 'cfg'), (dict(top_p=float('inf')), 'top_p')):
         with pytest.raises(ValueError, match=msg):
             autoregressive_infer_cfg(viar, 1, 0, **kw)
+        # The CLIs' flag types run the same check and show its message.
+        (knob, value), = kw.items()
+        with pytest.raises(ValueError) as e:
+            check_sampling_args(**kw)
+        err = io.StringIO()
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(err):
+            parser.parse_args([f'--{knob}', str(value)])
+        assert f'argument --{knob}: {e.value}' in err.getvalue()
+    with pytest.raises(ScheduleError, match='scales'):
+        autoregressive_infer_cfg(viar, 1, 0, schedule=ListSchedule((1, 2)))
     with pytest.raises(ValueError, match='class ids'):
         autoregressive_infer_cfg(viar, 1, torch.tensor([99]))
     with pytest.raises(ValueError, match='image seeds'):
@@ -213,3 +231,26 @@ def test_compiled_trunk_step_gives_the_same_images():
     plain = _sample(var, [0, 3], [4, 5])
     assert torch.equal(_sample(var, [0, 3], [4, 5], trunk_step=step), plain)
     assert torch.equal(_sample(var, [1], [6], trunk_step=step), _sample(var, [1], [6]))   # other static shapes
+
+
+def test_the_default_schedule_is_the_checkpoints():
+    # A model validated at 2 iterations samples at 2 by default: in the sampler, the official entry point and the CLIs.
+    var = _model(use_implicit=True, pre_depth=1, post_depth=1, eval_iters=2)
+    K = len(var.patch_nums)
+    assert default_schedule(var) == ConstantSchedule(2)
+    stats = {}
+    img = _sample(var, [0, 1], [1, 2], stats=stats)
+    assert stats['iters'] == [2] * K
+    assert torch.equal(img, _sample(var, [0, 1], [1, 2], schedule=ConstantSchedule(2)))
+    assert not torch.equal(img, _sample(var, [0, 1], [1, 2], schedule=ConstantSchedule(10)))
+    official = dict(B=2, label_B=torch.tensor([0, 1]), g_seed=3, top_k=8)
+    assert torch.equal(var.autoregressive_infer_cfg(**official),
+                       autoregressive_infer_cfg(var, schedule=ConstantSchedule(2), **official))
+    parse = sampling_cli.get_parser().parse_args
+    for argv, want in (([], ConstantSchedule(2)), (['--iter_left', '5'], LinearSchedule(5, 2)),
+                       (['--iter_left', '10', '--iter_right', '10'], LinearSchedule(10, 10)),
+                       (['--schedule', 'const:4'], ConstantSchedule(4))):
+        args = parse(argv)
+        assert schedule_from_args(args, var) == want, argv
+        assert ("the checkpoint's own" in describe_schedule(args, want)) == (argv == [])
+    assert "default: the checkpoint's own schedule" in ' '.join(sampling_cli.get_parser().format_help().split())

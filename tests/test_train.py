@@ -28,7 +28,7 @@ from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 TINY_MODEL = ['--depth', '2', '--embed_dim', '64', '--num_heads', '2', '--use_implicit', '--p_depth', '1',
-              '--no_grad_iters', '0', '3', '--grad_iters', '1', '3']
+              '--no_grad_iters_range', '0', '3', '--grad_iters_range', '1', '3']
 TINY_RUN = ['--bs', '8', '--ep', '20', '--tblr', '0.05', '--log_freq', '1', '--no-progress']
 # Nothing random that depends on how the batch is split over ranks: the 1- and 2-rank runs must agree.
 DETERMINISTIC = ['--cond_drop_rate', '0', '--drop_path_rate', '0', '--sjfb_shared_draws', '--workers', '0']

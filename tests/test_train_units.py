@@ -13,6 +13,7 @@ from tests.tiny import make_var
 from tests.train_helpers import make_image_folder
 from training import train_cli
 from training.amp import SCALER_MAX, AmpOptimizer
+from training.ar_trainer import ARTrainer
 from training.checkpoints import CheckpointFiles
 from training.data import BadImageError, DistributedBatchSampler, build_datasets, load_rgb, make_loader, to_rgb
 from training.flags import derive_plan
@@ -168,7 +169,7 @@ def test_image_modes_become_rgb(tmp_path):
     with pytest.raises(BadImageError, match=f'cannot read image {path}'):
         load_rgb(str(path))
     wrapped = f'Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n' \
-              f'  File "x.py", line 1\nutils.data.BadImageError: cannot read image {path}: truncated\n'
+              f'  File "x.py", line 1\ntraining.data.BadImageError: cannot read image {path}: truncated\n'
     assert str(BadImageError(wrapped)) == f'cannot read image {path}: truncated'
 
 
@@ -195,3 +196,20 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     files.save({'it': 2, 'rng': [], 'model': {}}, is_best=False)
     assert torch.load(files.best, weights_only=True)['rng'] and not torch.load(files.last, weights_only=True)['rng']
     assert mix_seed(1, 2) != mix_seed(2, 1) and mix_seed(1, 2) == mix_seed(1, 2)
+
+
+def test_sjfb_draws_are_the_trainers_and_resume_from_its_checkpoint(tmp_path):
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1, no_grad_iters_range=(0, 4), grad_iters_range=(1, 3))
+    trainer = ARTrainer(var, None, None, None, 0.0, sjfb_seed=123)
+    draws = [trainer.draw_sjfb_iters() for _ in range(50)]
+    assert {n for n, _ in draws} == set(range(5)) and {g for _, g in draws} == {1, 2, 3}
+    same, other = (ARTrainer(var, None, None, None, 0.0, sjfb_seed=seed) for seed in (123, 124))
+    assert [same.draw_sjfb_iters() for _ in range(50)] == draws != [other.draw_sjfb_iters() for _ in range(50)]
+    # Its generator is one of the RNG streams a checkpoint holds: a resumed trainer continues the same draws.
+    files = CheckpointFiles(tmp_path, 'x')
+    files.save({'it': 1, 'rng': [rng_state(trainer.rng_generators)], 'model': {}}, is_best=True)
+    ahead = [trainer.draw_sjfb_iters() for _ in range(20)]
+    resumed = ARTrainer(var, None, None, None, 0.0, sjfb_seed=999)
+    set_rng_state(torch.load(files.last, weights_only=True)['rng'][0], resumed.rng_generators)
+    assert [resumed.draw_sjfb_iters() for _ in range(20)] == ahead
+    assert ARTrainer(make_var(), None, None, None, 0.0).draw_sjfb_iters() is None  # VAR draws nothing

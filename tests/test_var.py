@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from models import VARConfig, build_var
-from models.fixed_point import FixedPointIteration, sjfb
+from models.fixed_point import FixedPointIteration
+from models.implicit import implicit_map, sjfb
 from models.schedules import ConstantSchedule, ListSchedule
+from models.subnet import SubnetSpec
+from models.trunk import BlockStage, ImplicitStage, TrunkCaches, run_trunk
 from tests.tiny import make_vae, make_var
 
 # Configurations covering the general case (the golden fixture is only one of them).
@@ -33,11 +36,11 @@ def test_block_causal_mask(kw):
     label, x = _inputs(var)
     iters = (0, 3) if var.use_implicit else None
     with torch.no_grad():
-        ref = var(label, x, implicit_iters=iters)
+        ref = var(label, x, sjfb_iters=iters)
         for k, (bg, ed) in enumerate(var.begin_ends[:-1]):
             x2 = x.clone()
             x2[:, ed - 1:] += torch.randn_like(x2[:, ed - 1:])  # input rows >= ed-1 feed scales > k
-            out = var(label, x2, implicit_iters=iters)
+            out = var(label, x2, sjfb_iters=iters)
             assert torch.allclose(out[:, :ed], ref[:, :ed], atol=1e-5), f'scale {k} saw later scales'
             assert not torch.allclose(out[:, ed:], ref[:, ed:], atol=1e-3), 'later scales ignored their input'
 
@@ -55,22 +58,67 @@ def test_cached_greedy_sampling_matches_teacher_forcing(kw):
     assert img.shape == (3, 3, vae.config.image_size, vae.config.image_size)
     with torch.no_grad():
         logits = var(torch.tensor([0, 1, 4]), vae.quantize.idxBl_to_var_input(idx),
-                     implicit_iters=(0, n) if var.use_implicit else None)
+                     sjfb_iters=(0, n) if var.use_implicit else None)
     assert torch.equal(logits.argmax(-1), torch.cat(idx, dim=1))
+
+
+TRUNKS = [(dict(depth=4), None), (dict(depth=4), SubnetSpec(2, 2)), (dict(depth=4), SubnetSpec(3, 0, 'nested')),
+          (dict(use_implicit=True, pre_depth=1, post_depth=1), None),
+          (dict(use_implicit=True, pre_depth=0, post_depth=2, shared_aln=True), None)]
+
+
+@pytest.mark.parametrize('kw, subnet', TRUNKS)
+def test_one_trunk_teacher_forcing_equals_scale_by_scale_caching(kw, subnet):
+    # The same trunk run on all scales under the mask, and one scale at a time with KV caches (as the sampler runs
+    # it), gives the same logits: VAR, a VARiant subnet, VIAR at a constant iteration count.
+    var = make_var(**kw).eval()
+    label, x = _inputs(var)
+    n, K = 3, len(var.patch_nums)
+    layers = None if subnet is None else subnet.layers_per_scale(var.depth, K)
+    caches = TrunkCaches(var.stages, var.patch_nums, [n] * K, adaptive=False, layers_per_scale=layers)
+    with torch.no_grad():
+        ref = var(label, x, sjfb_iters=(0, n), subnet=subnet)
+        cond = var.class_emb(label)
+        h = torch.cat((cond.unsqueeze(1) + var.pos_start, var.word_embed(x)), 1) + var.lvl_embed(var.lvl_1L) + \
+            var.pos_1LC
+        logits = []
+        for si, (bg, ed) in enumerate(var.begin_ends):
+            h_BlC, calls = run_trunk(var, h[:, bg:ed], var.shared_ada_lin(cond), None, caches, no_grad_iters=n,
+                                     layers=None if layers is None else layers[si])
+            assert calls == (n if var.use_implicit else 0)
+            logits.append(var.get_logits(h_BlC, cond))
+    assert torch.allclose(torch.cat(logits, dim=1), ref, atol=1e-5)
+    # Every cache was filled exactly to the size the stage description gave it.
+    explicit = [c for stage in caches.explicit.values() for c in stage]
+    assert explicit and all(c.len == c.max_len for c in explicit)
+    assert (caches.implicit is not None) == var.use_implicit
+
+
+def test_trunk_stages_describe_the_modules():
+    viar = make_var(depth=6, use_implicit=True, pre_depth=2, post_depth=1)
+    assert viar.stages == (BlockStage('pre_blocks', 2, 0), ImplicitStage(3), BlockStage('post_blocks', 1, 5))
+    assert [len(viar.pre_blocks), len(viar.post_blocks)] == [2, 1] and not hasattr(viar, 'blocks')
+    assert viar.trunk_blocks == [*viar.pre_blocks, viar.implicit_block, *viar.post_blocks]
+    # Drop-path rates follow the nominal layer each block stands for.
+    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for b in viar.trunk_blocks]
+    nominal = torch.linspace(0, viar.config.drop_path_rate, 6).tolist()
+    assert rates == pytest.approx([nominal[0], nominal[1], nominal[3], nominal[5]])
+    var = make_var(depth=3)
+    assert var.stages == (BlockStage('blocks', 3, 0),) and var.trunk_blocks == list(var.blocks)
 
 
 def test_viar_zero_vs_n_iterations():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
     with torch.no_grad():
-        zero = var(label, x, implicit_iters=(0, 0))
+        zero = var(label, x, sjfb_iters=(0, 0))
         # Zero iterations = the implicit layer is skipped: post-blocks act on the pre-blocks' output directly.
         trunk = build_var(var.config.replace(use_implicit=False, depth=2))
         trunk.load_state_dict({k.replace('pre_blocks.0', 'blocks.0').replace('post_blocks.0', 'blocks.1'): v
                                for k, v in var.state_dict().items() if 'implicit' not in k})
         assert torch.allclose(zero, trunk.eval()(label, x), atol=1e-5)
-        three = var(label, x, implicit_iters=(0, 3))
-        split = var(label, x, implicit_iters=(2, 1))  # same map, same count: the split does not matter forward
+        three = var(label, x, sjfb_iters=(0, 3))
+        split = var(label, x, sjfb_iters=(2, 1))  # same map, same count: the split does not matter forward
         assert not torch.allclose(zero, three, atol=1e-3)
         assert torch.allclose(three, split, atol=1e-5)
 
@@ -84,7 +132,7 @@ def _saved_bytes(var, label, x, iters):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        var(label, x, implicit_iters=iters).sum()
+        var(label, x, sjfb_iters=iters).sum()
     return total
 
 
@@ -100,7 +148,7 @@ def test_sjfb_no_graph_for_no_grad_iterations():
 def test_sjfb_gradients_match_manual_unroll():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
-    loss = var(label, x, implicit_iters=(3, 2)).logsumexp(-1).mean()
+    loss = var(label, x, sjfb_iters=(3, 2)).logsumexp(-1).mean()
     grads = torch.autograd.grad(loss, list(var.parameters()), allow_unused=True)
 
     # Manual: 3 detached iterations, 2 recorded, gradient into the pre-blocks only through the injection u.
@@ -108,7 +156,7 @@ def test_sjfb_gradients_match_manual_unroll():
     h = torch.cat((cond.unsqueeze(1) + var.pos_start, var.word_embed(x)), 1) + var.lvl_embed(var.lvl_1L) + var.pos_1LC
     bias = var.attn_bias_for_masking
     u = var.pre_blocks[0](h, cond, bias)
-    f = var.implicit_map(u, cond, bias)
+    f = implicit_map(var.implicit_block_projection, var.implicit_block, u, cond, bias)
     z = u.detach()
     with torch.no_grad():
         for it in range(3):
@@ -127,19 +175,26 @@ def test_sjfb_gradients_match_manual_unroll():
         assert named[name] is not None and named[name].abs().sum() > 0, name
 
 
-def test_sjfb_draws_are_seeded_and_in_range():
-    var = make_var(use_implicit=True, pre_depth=1, post_depth=1,
-                   implicit_no_grad_iters=(0, 4), implicit_grad_iters=(1, 3)).train()
-    var.seed_implicit_iters(123)
-    a = [var.draw_implicit_iters() for _ in range(50)]
-    var.seed_implicit_iters(123)
-    assert a == [var.draw_implicit_iters() for _ in range(50)]
-    assert {n for n, _ in a} == set(range(5)) and {g for _, g in a} == {1, 2, 3}
+def test_model_holds_no_random_or_last_call_state():
+    # The S-JFB counts are an argument: same inputs and counts, same outputs, and a forward changes no state.
+    var = make_var(use_implicit=True, pre_depth=1, post_depth=1, cond_drop_rate=0.0, drop_path_rate=0.0).train()
     label, x = _inputs(var)
-    var(label, x)
-    assert var.last_implicit_iters is not None
-    var.eval()
-    assert var.draw_implicit_iters() == (0, var.config.implicit_eval_iters)
+    state = {k: v.clone() for k, v in var.state_dict().items()}
+    attrs = dict(vars(var))
+    torch.manual_seed(0)
+    a = var(label, x, sjfb_iters=(2, 1))
+    torch.manual_seed(1)  # the global RNG does not matter without dropout
+    b = var(label, x, sjfb_iters=(2, 1))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, var(label, x, sjfb_iters=(0, 1)), atol=1e-4)
+    assert vars(var).keys() == attrs.keys() and all(vars(var)[k] is v for k, v in attrs.items())
+    assert all(torch.equal(v, state[k]) for k, v in var.state_dict().items())
+    for name in ('iter_rng', 'seed_implicit_iters', 'draw_implicit_iters', 'last_implicit_iters'):
+        assert not hasattr(var, name), name
+    # Without counts the forward is the deterministic validation forward, in either mode.
+    with torch.no_grad():
+        ref = var(label, x, sjfb_iters=(0, var.config.eval_iters))
+        assert torch.equal(var(label, x), ref) and torch.equal(var.eval()(label, x), ref)
 
 
 def test_sjfb_function_edge_cases():
@@ -171,10 +226,10 @@ def test_bf16_autocast_forward_runs():
     var = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
     label, x = _inputs(var)
     with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        logits = var(label, x, implicit_iters=(0, 2))
+        logits = var(label, x, sjfb_iters=(0, 2))
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     with torch.no_grad():
-        ref = var(label, x, implicit_iters=(0, 2))
+        ref = var(label, x, sjfb_iters=(0, 2))
     assert (logits - ref).abs().max() < 0.1
 
 
@@ -198,8 +253,20 @@ def test_meta_forward_counts_without_memory():
     var = build_var(VARConfig(depth=2, use_implicit=True, pre_depth=1, post_depth=1), 'meta')
     label = torch.zeros(2, dtype=torch.long, device='meta')
     x = torch.zeros(2, var.L - 1, var.Cvae, device='meta')
-    out = var(label, x, implicit_iters=(1, 1))
+    out = var(label, x, sjfb_iters=(1, 1))
     assert out.is_meta and out.shape == (2, var.L, var.V)
+
+
+def test_config_fields_saved_under_older_names_still_load():
+    old = make_var(use_implicit=True, pre_depth=1, post_depth=1).config.to_dict()
+    for new_name, old_name, value in (('no_grad_iters_range', 'implicit_no_grad_iters', [1, 2]),
+                                      ('grad_iters_range', 'implicit_grad_iters', [2, 4]),
+                                      ('eval_iters', 'implicit_eval_iters', 7)):
+        del old[new_name]
+        old[old_name] = value
+    cfg = VARConfig.from_dict(old)
+    assert (cfg.no_grad_iters_range, cfg.grad_iters_range, cfg.eval_iters) == ((1, 2), (2, 4), 7)
+    assert VARConfig.current_names(old) == cfg.to_dict()
 
 
 def test_config_recovered_for_all_variants():

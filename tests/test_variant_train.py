@@ -161,7 +161,7 @@ def test_init_from_full_var(data, tmp_path, capsys):
 
 def test_supernet_flag_errors(data, tmp_path, capsys):
     out = tmp_path / 'out'
-    viar = ['--use_implicit', '--p_depth', '1', '--no_grad_iters', '0', '1', '--grad_iters', '1', '1']
+    viar = ['--use_implicit', '--p_depth', '1', '--no_grad_iters_range', '0', '1', '--grad_iters_range', '1', '1']
     _fails(train_args(data, out, *viar, *SUPERNET), capsys,
            '--subnet_depth (VARiant supernet training) applies to explicit VAR models, not VIAR')
     _fails(train_args(data, out, '--subnet_depth', str(DEPTH)), capsys, '--subnet_depth must lie in [2, 3]')

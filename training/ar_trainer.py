@@ -1,12 +1,14 @@
 """The VAR/VIAR trainer behind train.py: one micro-batch of teacher-forced cross-entropy (S-JFB for VIAR, the
 full model or a subnet for a VARiant supernet), validation, and its part of the training checkpoint."""
 import logging
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from models import VARConfig
 from models.subnet import SubnetSpec
 from training import dist
 from training.amp import AmpOptimizer
@@ -35,14 +37,16 @@ class ARTrainer:
     val_score = 'L_tail'  # the official trainer keeps the checkpoint with the best last-scale validation loss
 
     def __init__(self, model: torch.nn.Module, vae, amp: AmpOptimizer, schedule: Schedule, label_smooth: float,
-                 supernet: Optional[Supernet] = None):
+                 supernet: Optional[Supernet] = None, sjfb_seed: int = 0):
         self.model, self.var, self.vae = model, unwrap(model), vae
         self.amp, self.schedule, self.label_smooth = amp, schedule, label_smooth
         self.device = next(self.var.parameters()).device
         self.scale_sizes = [pn * pn for pn in self.var.patch_nums]
         self.tokens_per_image = self.var.L
-        self.rng_generators = {'sjfb': self.var.iter_rng}
-        self.draws: List[Tuple[int, int]] = []  # S-JFB counts since the last metrics
+        # The S-JFB draws (VIAR): the trainer's own generator, checkpointed with the other RNG streams.
+        self.sjfb_rng = random.Random(sjfb_seed)
+        self.rng_generators = {'sjfb': self.sjfb_rng}
+        self.sjfb_draws: List[Tuple[int, int]] = []  # (no_grad_iters, grad_iters) since the last metrics
         self.supernet = supernet
         self.subnet_draws: List[Tuple[int, bool]] = []  # (optimizer step, subnet?) since the last metrics
         self.subnet_p = 0.0
@@ -60,6 +64,13 @@ class ARTrainer:
                 return label_B, self.vae.img_to_idxBl(x)
         return label_B, list(x.split(self.scale_sizes, dim=1))
 
+    def draw_sjfb_iters(self) -> Optional[Tuple[int, int]]:
+        """(no_grad_iters, grad_iters) of one training forward, drawn from the configured ranges (None for VAR)."""
+        config = self.var.config
+        if not config.use_implicit:
+            return None
+        return self.sjfb_rng.randint(*config.no_grad_iters_range), self.sjfb_rng.randint(*config.grad_iters_range)
+
     def step(self, it: int, batch, stepping: bool, want_metrics: bool) -> StepResult:
         """lr -> forward/backward (AMP, accumulation) -> clip -> optimizer step (when `stepping`)."""
         lr, wd = self.schedule.apply(self.amp.optimizer, it)
@@ -67,13 +78,14 @@ class ARTrainer:
         x_BLCv = self.vae.quantize.idxBl_to_var_input(gt_idx_Bl)
         gt_BL = torch.cat(gt_idx_Bl, dim=1)
         subnet = self.pick_subnet(it, stepping)
+        sjfb_iters = self.draw_sjfb_iters()
         with self.amp.forward_context(stepping):
-            logits_BLV = self.model(label_B, x_BLCv, subnet=subnet)
+            logits_BLV = self.model(label_B, x_BLCv, sjfb_iters=sjfb_iters, subnet=subnet)
         loss_BL = token_losses(logits_BLV, gt_BL, self.label_smooth)
         stepped = self.amp.backward_step(loss_BL.mean(), stepping)
         loss = dist.all_reduce_mean(loss_BL.detach().mean()).item()  # a non-finite loss: see TrainLoop's guard
-        if self.var.last_implicit_iters is not None:
-            self.draws.append(self.var.last_implicit_iters)
+        if sjfb_iters is not None:
+            self.sjfb_draws.append(sjfb_iters)
         res = StepResult(loss, lr, wd)
         if stepped is not None:
             res.grad_norm, res.scale_log2 = stepped[0].item(), stepped[1]
@@ -82,11 +94,12 @@ class ARTrainer:
             res.metrics = self.metrics(loss_BL.detach(), logits_BLV.detach(), gt_BL)
             m = res.metrics
             res.summary = f'loss {m["train/L_mean"]:.4f} tail {m["train/L_tail"]:.4f} acc {m["train/acc_mean"]:.2f}%'
-            if self.draws:
-                n_ng, n_g = (sum(d[i] for d in self.draws) / len(self.draws) for i in range(2))
-                m.update({'sjfb/no_grad_iters': n_ng, 'sjfb/grad_iters': n_g})
-                res.summary += f' | sjfb {n_ng:.1f}+{n_g:.1f}'
-                self.draws.clear()
+            if self.sjfb_draws:
+                no_grad_iters, grad_iters = (sum(d[i] for d in self.sjfb_draws) / len(self.sjfb_draws)
+                                             for i in range(2))
+                m.update({'sjfb/no_grad_iters': no_grad_iters, 'sjfb/grad_iters': grad_iters})
+                res.summary += f' | sjfb {no_grad_iters:.1f}+{grad_iters:.1f}'
+                self.sjfb_draws.clear()
             if self.subnet_draws:
                 res.summary += self.subnet_metrics(m)
         return res
@@ -176,7 +189,7 @@ class ARTrainer:
     def load_checkpoint(self, ckpt: Dict[str, Any], path: Path):
         if ckpt.get('kind') != KIND_VAR or 'amp' not in ckpt:
             raise UserError(f'{path} is not a train.py checkpoint; pass --resume none to start fresh')
-        saved, own = ckpt['config'], self.var.config.to_dict()
+        saved, own = VARConfig.current_names(ckpt['config']), self.var.config.to_dict()
         diffs = [f'{k}={v} (flags: {own[k]})' for k, v in saved.items() if own.get(k) != v]
         if diffs:
             raise UserError(f'{path} was trained with {", ".join(diffs)}; pass the same model flags (or '

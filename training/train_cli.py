@@ -21,13 +21,13 @@ from training.amp import AmpOptimizer
 from training.ar_trainer import ARTrainer
 from training.checkpoints import CheckpointFiles, resume_training
 from training.data import build_datasets, build_loaders
-from training.token_cache import build_token_cache
 from training.dist import wrap_ddp
 from training.flags import add_data_flags, add_optim_flags, add_run_flags, derive_plan, patch_nums_arg
 from training.loop import TrainLoop, start_run
 from training.optim import Schedule, param_groups
 from training.seeds import STREAM_INIT, STREAM_SJFB, mix_seed, restore_rng_states, seed_process
 from training.supernet import add_supernet_flags, supernet_from_args
+from training.token_cache import build_token_cache
 from utils import official
 from utils.checkpoint import load_state_dict_strict
 from utils.cli import ITERS, MAX_DEPTH, MAX_WIDTH, PROBABILITY, ArgumentParser, UserError, finite_float, int_range
@@ -43,7 +43,7 @@ DEFAULT_DEPTH = 16
 MODEL_FLAGS = {
     'depth': 'depth', 'embed_dim': 'embed_dim', 'num_heads': 'num_heads', 'drop_path_rate': 'drop_path_rate',
     'use_implicit': 'use_implicit', 'pre_depth': 'pre_depth', 'post_depth': 'post_depth',
-    'no_grad_iters': 'implicit_no_grad_iters', 'grad_iters': 'implicit_grad_iters', 'eval_iters': 'implicit_eval_iters',
+    'no_grad_iters_range': 'no_grad_iters_range', 'grad_iters_range': 'grad_iters_range', 'eval_iters': 'eval_iters',
     'init_adaln': 'init_adaln', 'init_adaln_gamma': 'init_adaln_gamma', 'init_head': 'init_head',
     'init_std': 'init_std', 'shared_aln': 'shared_aln', 'attn_l2_norm': 'attn_l2_norm',
     'cond_drop_rate': 'cond_drop_rate',
@@ -91,11 +91,14 @@ def get_parser() -> ArgumentParser:
     m.add_argument('--post_depth', type=int_range(0, MAX_DEPTH), help='VIAR explicit blocks after it (default 5)')
     m.add_argument('--p_depth', type=int_range(0, MAX_DEPTH),
                    help='official spelling: sets both --pre_depth and --post_depth')
-    m.add_argument('--no_grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
-                   help='S-JFB: inclusive range of implicit iterations run under no_grad (default 0 10)')
-    m.add_argument('--grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
-                   help='S-JFB: inclusive range of iterations backpropagated through (default 1 12)')
-    m.add_argument('--eval_iters', type=ITERS, help='implicit iterations of the validation forward (default 10)')
+    m.add_argument('--no_grad_iters_range', '--no_grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range from which each step draws its implicit iterations run under no_grad '
+                        '(default 0 10; --no_grad_iters is the older spelling)')
+    m.add_argument('--grad_iters_range', '--grad_iters', type=ITERS, nargs=2, metavar=('MIN', 'MAX'),
+                   help='S-JFB: inclusive range from which each step draws its iterations backpropagated through '
+                        '(default 1 12; --grad_iters is the older spelling)')
+    m.add_argument('--eval_iters', type=ITERS, help='implicit iterations of the validation forward, and the schedule '
+                                                    'sampling uses by default (default 10)')
     m.add_argument('--sjfb_shared_draws', action=bool_flag, default=False,
                    help='draw the same S-JFB counts on every rank, so no rank waits for a deeper draw '
                         '(default: independent per-rank draws, as the official code)')
@@ -192,7 +195,6 @@ def main(args):
         load_state_dict_strict(var, init_weights, f'--init_from {args.init_from}')
         del init_weights
     seed_process(args.seed, info.rank)
-    var.seed_implicit_iters(mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank))
     if args.compile:
         log.info('torch.compile: compiling every transformer block')
         for block in var.trunk_blocks:
@@ -207,7 +209,8 @@ def main(args):
     amp = AmpOptimizer(model, optimizer, plan.precision, args.grad_clip, args.accum)
     schedule = Schedule(plan.peak_lr, plan.warmup_iters, plan.max_iters, args.schedule, args.warmup_start,
                         args.lr_end, args.weight_decay, plan.wd_end)
-    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth, supernet)
+    sjfb_seed = mix_seed(args.seed, STREAM_SJFB, 0 if args.sjfb_shared_draws else info.rank)
+    trainer = ARTrainer(model, vae, amp, schedule, args.label_smooth, supernet, sjfb_seed)
 
     kind = 'VIAR' if config.use_implicit else 'VAR'
     log.info('data: %d training images in %d classes from %s; validation: %s; images %dpx, scales %s',
@@ -217,9 +220,9 @@ def main(args):
              config.embed_dim, config.num_heads, f'{num_params(var):,}', f'{counts["decay"]:,}',
              f'{counts["no_decay"]:,}')
     if config.use_implicit:
-        log.info('S-JFB: no-grad iterations %s, with-grad iterations %s (inclusive ranges), %s draws',
-                 config.implicit_no_grad_iters, config.implicit_grad_iters,
-                 'shared' if args.sjfb_shared_draws else 'per-rank')
+        log.info('S-JFB: no_grad_iters drawn from %s, grad_iters from %s (inclusive ranges), %s draws; validation at '
+                 '%d iterations', config.no_grad_iters_range, config.grad_iters_range,
+                 'shared' if args.sjfb_shared_draws else 'per-rank', config.eval_iters)
     if args.init_from:
         log.info('initial weights: %s', args.init_from)
     if supernet is not None:
