@@ -19,8 +19,8 @@ def ckpt_args(tmp_path_factory):
 
 
 def test_grid_and_trace(ckpt_args, tmp_path):
-    rc = run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--classes', '0,3', '--seeds', '5-7', '--save_grid',
-                                                             '--trace', '--out_dir', str(tmp_path)])
+    rc = run(gen_img_cli.main, gen_img_cli.get_parser(),
+             ckpt_args + ['--classes', '0,3', '--seeds', '5-7', '--save_grid', '--trace', '--out_dir', str(tmp_path)])
     assert rc == 0
     assert len(list(tmp_path.glob('class*_seed*.png'))) == 6
     grid = np.asarray(Image.open(tmp_path / 'grid.png'))
@@ -72,11 +72,12 @@ def test_subnet_flags(ckpt_args, tmp_path, capsys):
             '--top_k', '10']
     out = {}
     for d in ('4', '2'):
-        assert run(gen_img_cli.main, gen_img_cli.get_parser(), base + ['--subnet_depth', d, '--bridge', '2', '--out_dir',
-                                                               str(tmp_path / d)]) == 0
+        assert run(gen_img_cli.main, gen_img_cli.get_parser(),
+                   base + ['--subnet_depth', d, '--bridge', '2', '--out_dir', str(tmp_path / d)]) == 0
         out[d] = np.asarray(Image.open(tmp_path / d / 'class1_seed0.png'))
     assert out['4'].shape == out['2'].shape == (8, 8, 3)
-    assert run(gen_img_cli.main, gen_img_cli.get_parser(), base + ['--subnet_depth', '9', '--out_dir', str(tmp_path)]) == 2
+    assert run(gen_img_cli.main, gen_img_cli.get_parser(),
+               base + ['--subnet_depth', '9', '--out_dir', str(tmp_path)]) == 2
     assert 'subnet_depth must lie in [2, 4]' in capsys.readouterr().err
     assert run(gen_img_cli.main, gen_img_cli.get_parser(), ckpt_args + ['--subnet_depth', '2', '--out_dir',
                                                                str(tmp_path)]) == 2

@@ -209,5 +209,6 @@ def test_corrupt_image_is_named_or_skipped(data, tmp_path, capsys):
     assert '--skip_bad_images' in err
     # Its data worker ignores SIGTERM, so the failed run must have shut it down itself (else the exit would hang).
     assert not multiprocessing.active_children()
-    assert run(train_cli.main, train_cli.get_parser(), [*args, '--out_dir', str(tmp_path / 'b'), '--skip_bad_images']) == 0
+    assert run(train_cli.main, train_cli.get_parser(),
+               [*args, '--out_dir', str(tmp_path / 'b'), '--skip_bad_images']) == 0
     assert f'cannot read image {bad}' in (tmp_path / 'b' / 'stdout.txt').read_text()

@@ -133,7 +133,8 @@ def test_init_from_full_var(data, tmp_path, capsys):
             '--max_steps', '3', *SUPERNET, '--bridge', '1']
     for init in (ours, bare):
         out = tmp_path / f'from-{init.stem}'
-        assert run(train_cli.main, train_cli.get_parser(), [*tune, '--init_from', str(init), '--out_dir', str(out)]) == 0
+        assert run(train_cli.main, train_cli.get_parser(),
+                   [*tune, '--init_from', str(init), '--out_dir', str(out)]) == 0
         ckpt = torch.load(out / 'ar-ckpt-last.pth', weights_only=True)
         assert ckpt['it'] == 3 and ckpt['config']['depth'] == DEPTH
         assert {int(s['step']) for s in ckpt['amp']['optimizer']['state'].values()} == {3}

@@ -1,4 +1,5 @@
-"""The one `load_models` used by every CLI: rebuild tokenizer and transformer from checkpoints alone.
+"""The model checkpoint format (`model_checkpoint`: kind, config, weights) and the one `load_models` used by every CLI:
+rebuild tokenizer and transformer from checkpoints alone.
 
 Accepted files, for both models:
 * this project's checkpoints: a dict with 'kind' ('var' or 'vqvae'), 'config' (the model's dataclass as a dict)
