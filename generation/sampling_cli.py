@@ -24,6 +24,7 @@ from tqdm import tqdm
 from generation.model_flags import add_model_args, autocast_dtype, load_from_args, sampling_mode
 from generation.sampling_flags import (add_sampling_args, describe_schedule, parse_classes, schedule_from_args,
                                        subnet_from_args, trunk_step_from_args)
+from models import VARConfig
 from models.fixed_point import make_solver
 from models.sampler import autoregressive_infer_cfg, image_seed
 from training import dist
@@ -91,6 +92,8 @@ def claim_run_dir(out_dir: Path, meta_path: Path, knobs: dict):
         if not isinstance(old, dict):
             raise UserError(f'{meta_path}: holds no knobs object (not written by sampling.py?); pass another --name '
                             f'or remove it')
+        if isinstance(old.get('model'), dict):  # runs from before a config field was renamed still resume
+            old = dict(old, model=VARConfig.current_names(old['model']))
         diff = sorted(k for k in knobs if old.get(k) != knobs[k])
         if diff:
             raise UserError(f'{out_dir} holds samples made with other settings ({", ".join(diff)}); '

@@ -9,8 +9,9 @@ from models.fixed_point import SOLVERS, make_solver
 from models.kv_cache import KV_POLICIES
 from models.sampler import check_sampling_args, compiled_trunk_step, default_schedule, resolve_schedule
 from models.schedules import IterSchedule, LinearSchedule, parse_schedule
-from models.subnet import SELECTIONS, SubnetSpec, equidistant_subnet
-from utils.cli import ITERS, NON_NEGATIVE, POSITIVE, UserError
+from models.subnet import SubnetSpec, equidistant_subnet
+from utils.cli import ITERS, UserError
+from utils.subnet_flags import add_subnet_flags, bridge_from_args
 
 MAX_IDS = 10_000  # --seeds / --classes entries per run (gen_img keeps every image in memory)
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')
@@ -52,11 +53,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, top_k: int = 900, top_p: 
     g.add_argument('--kv_policy', default='per_iteration', choices=KV_POLICIES,
                    help='implicit-block KV cache: per_iteration (official) or lean (one cache, any schedule)')
     g.add_argument('--solver', default='picard', choices=sorted(SOLVERS), help='fixed-point solver')
-    g.add_argument('--subnet_depth', type=POSITIVE, default=None,
-                   help='VARiant (explicit VAR only): run scales after the bridge with this many shared layers')
-    g.add_argument('--bridge', type=NON_NEGATIVE, default=6, help='VARiant: scales that always run the full depth')
-    g.add_argument('--subnet_selection', default='equidistant', choices=SELECTIONS,
-                   help="VARiant layer choice: the paper's equidistant rule, or nested across d, 2d, 4d, ...")
+    add_subnet_flags(g, 'VARiant (explicit VAR only): run the scales after the bridge with d shared layers')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                    help='torch.compile the per-scale trunk step (static shapes: one graph per scale; the first batch '
                         'pays the compilation)')
@@ -108,7 +105,7 @@ def subnet_from_args(args, var: VAR) -> Optional[SubnetSpec]:
     if not 2 <= args.subnet_depth <= var.depth:
         raise UserError(f'--subnet_depth must lie in [2, {var.depth}], got {args.subnet_depth}')
     equidistant_subnet(var.depth, args.subnet_depth)
-    return SubnetSpec(args.subnet_depth, args.bridge, args.subnet_selection)
+    return SubnetSpec(args.subnet_depth, bridge_from_args(args, len(var.patch_nums)), args.subnet_selection)
 
 
 def parse_ids(spec: str, what: str, lo: Optional[int] = None, hi: Optional[int] = None) -> List[int]:

@@ -95,3 +95,23 @@ def test_missing_checkpoint_and_conflicting_run(ckpts, tmp_path):
     _sample(_args(ckpts, tmp_path, '--classes', '0'))
     r = _sample(_args(ckpts, tmp_path, '--classes', '0', '--cfg', '2.0'), check=False)
     assert r.returncode == 2 and 'other settings (cfg)' in r.stderr
+
+
+def test_run_from_before_a_config_rename_resumes(ckpts, reference, tmp_path):
+    """A run folder whose .json stores the model under older field names is the same run, not a conflict."""
+    import json
+    from models import VARConfig
+    _sample(_args(ckpts, tmp_path))
+    meta_path = tmp_path / 'run.json'
+    meta = json.loads(meta_path.read_text())
+    renamed = {new: old for old, new in VARConfig.RENAMED_FIELDS.items()}
+    meta['knobs']['model'] = {renamed.get(k, k): v for k, v in meta['knobs']['model'].items()}
+    assert set(meta['knobs']['model']) & set(VARConfig.RENAMED_FIELDS)
+    meta_path.write_text(json.dumps(meta))
+    (tmp_path / 'run.npz').unlink()
+    _sample(_args(ckpts, tmp_path))
+    assert np.array_equal(_npz(tmp_path), reference)
+    meta['knobs']['model']['depth'] += 1   # a real difference is still refused
+    meta_path.write_text(json.dumps(meta))
+    r = _sample(_args(ckpts, tmp_path), check=False)
+    assert r.returncode == 2 and 'other settings (model)' in r.stderr

@@ -104,3 +104,28 @@ def test_phase_schedule_boundaries():
     assert subnet_probability(3, 0, 0) == 1.0
     with pytest.raises(ValueError):
         subnet_probability(1, 5, 2)
+
+
+def test_subnet_flags_are_defined_once_for_sampling_and_training():
+    """sampling.py, gen_img.py and train.py share the --bridge / --subnet_selection flags and the default bridge."""
+    from types import SimpleNamespace
+    from generation import gen_img_cli, sampling_cli
+    from training import train_cli
+    from utils.cli import UserError
+    from utils.subnet_flags import DEFAULT_BRIDGE, bridge_from_args
+
+    def action(parser, flag):
+        return next(a for a in parser._actions if flag in a.option_strings)
+
+    parsers = [sampling_cli.get_parser(), gen_img_cli.get_parser(), train_cli.get_parser()]
+    for flag in ('--bridge', '--subnet_selection'):
+        first = action(parsers[0], flag)
+        for parser in parsers[1:]:
+            other = action(parser, flag)
+            assert (other.help, other.default, other.type, other.choices) == \
+                   (first.help, first.default, first.type, first.choices), flag
+    assert bridge_from_args(SimpleNamespace(bridge=None), 10) == DEFAULT_BRIDGE
+    assert bridge_from_args(SimpleNamespace(bridge=None), 4) == 3      # capped: the last scale runs the subnet
+    assert bridge_from_args(SimpleNamespace(bridge=0), 4) == 0
+    with pytest.raises(UserError, match='--bridge must lie in'):
+        bridge_from_args(SimpleNamespace(bridge=4), 4)

@@ -16,13 +16,13 @@ import random
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from models.subnet import SELECTIONS, SubnetSpec, subnet_probability
+from models.subnet import SubnetSpec, subnet_probability
 from training.seeds import STREAM_SUBNET, mix_seed
-from utils.cli import NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE, PROBABILITY, UserError
+from utils.cli import NON_NEGATIVE_FLOAT, PROBABILITY, UserError
+from utils.subnet_flags import add_subnet_flags, bridge_from_args
 
 log = logging.getLogger('viar')
 
-DEFAULT_BRIDGE = 6                                     # the paper's N: scales 1-6 of 10 always run all layers
 DEFAULT_PHASE1_EPOCHS, DEFAULT_PHASE2_EPOCHS = 5.0, 15.0  # the paper's Table 7 (phase 3: 5-15 epochs by depth)
 DEFAULT_P_START = 0.2                                  # phase 1's subnet probability (the paper's 2:8)
 
@@ -30,14 +30,8 @@ DEFAULT_P_START = 0.2                                  # phase 1's subnet probab
 def add_supernet_flags(p):
     g = p.add_argument_group('VARiant supernet', 'progressive supernet training of an explicit VAR (VARiant Alg. 1), '
                                                  'usually fine-tuning a trained model (--init_from)')
-    g.add_argument('--subnet_depth', type=POSITIVE, metavar='d',
-                   help='train a supernet: each optimizer step runs either the full model or, with the probability of '
+    add_subnet_flags(g, 'train a supernet: each optimizer step runs either the full model or, with the probability of '
                         'the phase schedule, d shared layers for the scales after the bridge (off when not given)')
-    g.add_argument('--bridge', type=NON_NEGATIVE, metavar='N',
-                   help=f'first N scales always run all layers (default {DEFAULT_BRIDGE} as the paper, at most the '
-                        f'number of scales - 1)')
-    g.add_argument('--subnet_selection', choices=SELECTIONS, default='equidistant',
-                   help="the paper's equidistant layers, or layers nested across d, 2d, 4d, ...")
     g.add_argument('--phase1_epochs', type=NON_NEGATIVE_FLOAT, default=DEFAULT_PHASE1_EPOCHS,
                    help='phase 1: the subnet with probability --subnet_p_start (fractions allowed)')
     g.add_argument('--phase2_epochs', type=NON_NEGATIVE_FLOAT, default=DEFAULT_PHASE2_EPOCHS,
@@ -94,10 +88,7 @@ def supernet_from_args(args, use_implicit: bool, depth: int, num_scales: int, it
     if not 2 <= args.subnet_depth < depth:
         raise UserError(f'--subnet_depth must lie in [2, {depth - 1}] for a {depth}-layer model (the first and last '
                         f'layers are always kept), got {args.subnet_depth}')
-    bridge = min(DEFAULT_BRIDGE, num_scales - 1) if args.bridge is None else args.bridge
-    if not 0 <= bridge < num_scales:
-        raise UserError(f'--bridge must lie in [0, {num_scales - 1}]: the tokenizer has {num_scales} scales and the '
-                        f'subnet needs at least one, got {args.bridge}')
+    bridge = bridge_from_args(args, num_scales)
     e1, e2 = args.phase1_epochs, args.phase2_epochs
     if e1 + e2 > args.epochs:
         raise UserError(f'--phase1_epochs {e1:g} and --phase2_epochs {e2:g} must fit in --ep {args.epochs} (phase 3 '
