@@ -54,6 +54,29 @@ def interleaved_timings(tasks: Dict[str, Callable[[], object]], rounds: int, war
     return times
 
 
+# The ops that carry the counted FLOPs on a CPU or GPU: matrix products, convolutions and fused attention.
+FLOP_OPS = ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::mkldnn_convolution',
+            'aten::convolution', 'aten::cudnn_convolution', 'aten::_scaled_dot_product_flash_attention_for_cpu',
+            'aten::_scaled_dot_product_flash_attention', 'aten::_scaled_dot_product_efficient_attention',
+            'aten::_mkldnn_linear', 'aten::mkldnn_linear', 'aten::_linear_pointwise', 'aten::_int_mm')
+
+
+def time_split(fn: Callable[[], object], device: torch.device = torch.device('cpu')) -> Dict[str, float]:
+    """Seconds of one call of `fn` under the profiler: 'flop_ops' (the FLOP_OPS' own time), 'total' (all ops' own
+    time) and the three largest other ops, so that a report can say where the time without FLOPs goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    own = {e.key: e.self_device_time_total if device.type == 'cuda' else e.self_cpu_time_total
+           for e in prof.key_averages()}
+    flop_time = sum(t for k, t in own.items() if k in FLOP_OPS)
+    others = sorted(((t, k) for k, t in own.items() if k not in FLOP_OPS), reverse=True)[:3]
+    return {'flop_ops': flop_time / 1e6, 'total': sum(own.values()) / 1e6,
+            'top_others': [[k, t / 1e6] for t, k in others]}
+
+
 def sampling_flops(var, schedule: Optional[IterSchedule] = None, batch: int = 1, subnet=None,
                    kv_policy: str = 'per_iteration') -> Dict[str, float]:
     """FLOPs to generate `batch` images (both CFG halves), split into transformer and tokenizer decoding.

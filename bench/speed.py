@@ -24,7 +24,8 @@ import torch
 
 from bench.efficiency import build_case
 from bench.inception_speed import inception_flops_per_image, load_average, machine_info
-from bench.measure import PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task, sampling_flops
+from bench.measure import (PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task,
+                           sampling_flops, time_split)
 from evaluation.inception_weights import load_offline_inception
 from generation.model_flags import autocast, sampling_mode
 from models.sampler import autoregressive_infer_cfg, image_seed
@@ -138,15 +139,25 @@ def measure(tasks: Dict[tuple, Tuple[Callable, int, int]], rounds: int, warmup: 
     times = interleaved_timings({key: task for key, (task, _, _) in tasks.items()}, rounds, warmup, device)
     peaks = {key[2]: flops / min(times[key]) for key, (_, flops, _) in tasks.items() if key[0] == 'peak'}
     rows = []
-    for key, (_, flops, items) in tasks.items():
+    for key, (task, flops, items) in tasks.items():
         kind, label, precision = key
         best, median = min(times[key]), float(np.median(times[key]))
-        rows.append({'workload': kind, 'case': label, 'precision': precision, 'items_per_call': items,
-                     'items_per_s_best': round(items / best, 3), 'items_per_s_median': round(items / median, 3),
-                     'gflop_per_call': round(flops / 1e9, 3), 'gflops_best': round(flops / best / 1e9, 1),
-                     'peak_gflops': round(peaks[precision] / 1e9, 1),
-                     'fraction_of_peak': round(flops / best / peaks[precision], 3)})
+        row = {'workload': kind, 'case': label, 'precision': precision, 'items_per_call': items,
+               'items_per_s_best': round(items / best, 3), 'items_per_s_median': round(items / median, 3),
+               'gflop_per_call': round(flops / 1e9, 3), 'gflops_best': round(flops / best / 1e9, 1),
+               'peak_gflops': round(peaks[precision] / 1e9, 1),
+               'fraction_of_peak': round(flops / best / peaks[precision], 3)}
+        if kind in PROFILED:
+            # Where the time goes: the ops that carry the FLOPs (their own rate against the peak) and the rest.
+            split = time_split(task, device)
+            row.update(flop_op_time_share=round(split['flop_ops'] / split['total'], 3),
+                       flop_ops_fraction_of_peak=round(flops / split['flop_ops'] / peaks[precision], 3),
+                       largest_other_ops=[[name, round(sec / split['total'], 3)] for name, sec in split['top_others']])
+        rows.append(row)
     return rows
+
+
+PROFILED = ('sampling', 'training step')
 
 
 UNITS = {'peak': 'matmuls/s', 'sampling': 'images/s', 'training step': 'steps/s', 'inception': 'images/s'}
@@ -167,6 +178,18 @@ def to_markdown(rows: List[dict], meta: dict) -> str:
     lines += [f'| {r["workload"]} | {r["case"]} | {r["precision"]} | {r["items_per_call"]} | '
               f'{r["items_per_s_best"]:.3g} {UNITS[r["workload"]]} | {r["gflop_per_call"]:.3g} | {r["gflops_best"]:.1f} | '
               f'{r["peak_gflops"]:.1f} | {r["fraction_of_peak"]:.0%} |' for r in rows]
+    profiled = [r for r in rows if 'flop_op_time_share' in r]
+    if profiled:
+        lines += ['', '## Where the time goes', '',
+                  'One profiled call per row (torch.profiler, own time of each op): the share of the time spent in the '
+                  'ops that carry the counted FLOPs (matrix products, convolutions, fused attention), the rate those '
+                  'ops reach against the same peak, and the three largest other ops with their share of the time.', '',
+                  '| workload | case | precision | time in FLOP ops | FLOP ops vs peak | largest other ops |',
+                  '|---|---|---|---:|---:|---|']
+        lines += [f'| {r["workload"]} | {r["case"]} | {r["precision"]} | {r["flop_op_time_share"]:.0%} | '
+                  f'{r["flop_ops_fraction_of_peak"]:.0%} | '
+                  + ', '.join(f'{name.replace("aten::", "")} {share:.0%}' for name, share in r['largest_other_ops'])
+                  + ' |' for r in profiled]
     return '\n'.join(lines) + '\n'
 
 

@@ -71,16 +71,24 @@ def test_interleaved_timings_and_fractions_of_the_peak(monkeypatch):
     order = []
     times = interleaved_timings({'a': lambda: order.append('a'), 'b': lambda: order.append('b')}, rounds=2, warmup=1)
     assert order == ['a', 'b'] * 3 and times == {'a': [1.0, 1.0], 'b': [1.0, 1.0]}
-    tasks = {('peak', 'mm', 'fp32'): (None, 100e9, 1), ('sampling', 'tiny', 'fp32'): (None, 25e9, 4)}
+    a = torch.randn(256, 256)
+    tasks = {('peak', 'mm', 'fp32'): (None, 100e9, 1),
+             ('sampling', 'tiny', 'fp32'): (lambda: (a @ a).exp_().cumsum(0), 25e9, 4)}
     monkeypatch.setattr(speed, 'interleaved_timings', lambda tasks, rounds, warmup, device: {
         ('peak', 'mm', 'fp32'): [2.0, 1.0], ('sampling', 'tiny', 'fp32'): [0.5, 1.0]})
     rows = speed.measure(tasks, rounds=2, warmup=0, device=torch.device('cpu'))
     sampling = rows[1]
     assert sampling['items_per_s_best'] == 8 and sampling['items_per_s_median'] == pytest.approx(4 / 0.75, rel=1e-3)
     assert sampling['peak_gflops'] == 100 and sampling['gflops_best'] == 50 and sampling['fraction_of_peak'] == 0.5
-    assert '| sampling | tiny | fp32 | 4 | 8 images/s |' in speed.to_markdown(rows, {
+    markdown = speed.to_markdown(rows, {
         'command': 'x', 'date': 'd', 'machine': {'cpu': 'c', 'cpu_count': 2, 'gpu': None, 'torch': 't'}, 'threads': 1,
         'rounds': 2, 'warmup': 0, 'load_average_before_after': ['0', '0']})
+    assert '| sampling | tiny | fp32 | 4 | 8 images/s |' in markdown
+    # The profiled split: the matmul is a FLOP op, exp and cumsum are not.
+    assert 0 < sampling['flop_op_time_share'] < 1 and 'flop_op_time_share' not in rows[0]
+    others = [name for name, _ in sampling['largest_other_ops']]
+    assert 'aten::mm' not in others and {'aten::exp_', 'aten::cumsum'} & set(others)
+    assert '## Where the time goes' in markdown and '| sampling | tiny | fp32 |' in markdown.split('## Where')[1]
 
 
 def test_speed_training_step_counts_forward_and_backward():
