@@ -20,11 +20,11 @@ plot of FID against images/s, each at 500 images. Estimated wall time of the def
     train VARiant supernet               2.8 min
     reference activations               13.9 min
     sample the main rows                 7.6 min
-    score the main rows                 54.8 min
+    score the main rows                 54.9 min
     sample the curve                     1.2 min
-    score the curve                     11.8 min
+    score the curve                     12.1 min
     speed, FLOPs, convergence trace      1.0 min
-    total                              116.7 min
+    total                              117.1 min
 
 Inception (fp32, ~12 images/s) dominates: 10,000 reference images once (cached beside the prepared data, so a rerun
 skips them) and 7 x 5,000 main-row images. --vae_ckpt saves the tokenizer's training.
