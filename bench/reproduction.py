@@ -196,7 +196,9 @@ def training_lines(results: dict) -> List[str]:
     return lines + ['', f"Both models: {plan['train_per_class'] * 10:,} training images, {plan['model_epochs']} "
                         f"epochs at batch {plan['batch_size']}, base lr {plan['model_lr']}, {plan['precision']}. "
                         f'Change of the validation loss over the last epoch: {changes or "-"} (a flattened curve '
-                        'changes by a few thousandths).']
+                        f"changes by a few thousandths). The validation split is the first {plan['val_per_class']} "
+                        'test images per class, so it lies inside the reference set; it selects nothing (every row '
+                        "samples each run's last checkpoint)."]
 
 
 def trace_lines(trace: Dict[str, List[dict]]) -> List[str]:

@@ -6,7 +6,6 @@ bench/reproduction.py runs `run(...)` and writes the report. Every stage reuses 
 sample sets, activations), and the reference activations are cached beside the prepared data, so a rerun skips them.
 """
 import json
-import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +25,6 @@ from utils.fashion_mnist import CLASS_NAMES, prepare
 from utils.fileio import read_json_object, write_json_atomic
 from utils.model_checkpoints import load_models
 
-log = logging.getLogger('viar')
 NUM_CLASSES = len(CLASS_NAMES)
 FLOOR, RECONSTRUCTION = demo.FLOOR_ROW, demo.RECONSTRUCTION_ROW
 PRESETS = {'var': 'var-demo', 'viar': 'viar-demo'}  # viar-demo has 39 % of var-demo's parameters (models/var.py)
@@ -39,6 +37,8 @@ POOL_DIM = 2048
 # Seconds per scored row: precision/recall (the reference's radii included), the Fréchet distances and the reference
 # factor of the bootstrap; per speed point (load, warm-up, calibration, a batch); the convergence trace.
 PR_S, FRECHET_S, SPEED_S, TRACE_S = 8, 6, 4, 10
+# The supernet's fine-tuning: constant lr, phases 1 and 2 as fractions of its epochs (phase 3: the rest).
+SUPERNET_LR, SUPERNET_PHASES = 2e-4, (0.2, 0.5)
 
 
 @dataclass(frozen=True)
@@ -68,12 +68,11 @@ class ReproPlan:
                 '--grad_iters_range', *map(str, self.grad_iters), '--eval_iters', str(self.eval_iters))
 
     def supernet_train_args(self, var_ckpt: Path) -> Tuple[str, ...]:
-        # One constant-lr fine-tuning run through all three phases (VARiant Alg. 1 shortened); the architecture is
-        # the VAR checkpoint's.
+        # One fine-tuning run through all three phases (VARiant Alg. 1 shortened); the architecture is the VAR's.
+        phase1, phase2 = (f * self.supernet_epochs for f in SUPERNET_PHASES)
         return ('--init_from', str(var_ckpt), '--subnet_depth', str(self.subnet.depth),
-                '--bridge', str(self.subnet.bridge), '--ep', str(self.supernet_epochs),
-                '--phase1_epochs', str(0.2 * self.supernet_epochs), '--phase2_epochs', str(0.5 * self.supernet_epochs),
-                '--sche', 'const', '--tlr', '2e-4')
+                '--bridge', str(self.subnet.bridge), '--ep', str(self.supernet_epochs), '--phase1_epochs', str(phase1),
+                '--phase2_epochs', str(phase2), '--sche', 'const', '--tlr', str(SUPERNET_LR))
 
 
 FULL = ReproPlan(
