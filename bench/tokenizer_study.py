@@ -11,14 +11,16 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Tuple
 
 from bench.efficiency import machine, machine_line
-from bench.reproduction import demo_data_parser, demo_setup
 from evaluation.quality_report import quality_table
 from pipelines import demo
 from training import train_tokenizer_cli
 from utils.cli import ArgumentParser, main_entry
+from utils.fashion_mnist import prepare
 from utils.fileio import write_json_atomic, write_text_atomic
+from utils.log import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 # (label, train_tokenizer.py flags on top of the demo recipe, epochs)
@@ -30,7 +32,16 @@ QUICK_CONFIGS = (('8x8 latent, quick', ('--preset', 'vae-demo-fmnist32'), 2),)
 
 
 def get_parser() -> ArgumentParser:
-    return demo_data_parser(__doc__.split('\n\n')[0], 'local_output/tokenizer_study')
+    return demo.benchmark_parser(__doc__.split('\n\n')[0], 'local_output/tokenizer_study', 'data/fashion_mnist_demo')
+
+
+def demo_setup(args) -> Tuple[demo.DemoPlan, Path, Path]:
+    """(plan, output folder, prepared data root) of a run on the demo's data with the demo's plan."""
+    setup_logging(0)
+    plan = demo.QUICK if args.quick else demo.FULL
+    root = prepare(Path(args.data), size=demo.IMAGE_SIZE, raw_dir=args.raw_dir, per_class=plan.train_per_class,
+                   val_per_class=plan.val_per_class)
+    return plan, Path(args.out), root
 
 
 def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, flags, epochs: int, seed: int,

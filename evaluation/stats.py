@@ -1,22 +1,25 @@
 """Inception activations of a batch and their statistics, with the cache beside the batch
-(`<batch>.<weights>.stats.npz`, reused while newer than the batch); the stats files of --save-stats."""
+(`<batch>.<weights>.stats.npz`, reused while newer than the batch); the stats files of --save-stats; subsets of a
+batch that carry its cached activations along."""
+import glob
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from evaluation.batches import POOL_KEY, Batch, ImageSource, load_stored_stats, npz_headers
+from evaluation.batches import POOL_KEY, Batch, ImageSource, NpzImages, load_stored_stats, npz_headers, open_batch
 from evaluation.inception import POOL_DIM, SPATIAL_DIM
 from evaluation.inception_weights import InceptionFeatures
 from evaluation.metrics import GaussianStats, gaussian_stats
 from utils.checkpoint import PathLike
 from utils.cli import UserError
 from utils.fileio import atomic_write
+from utils.images import write_npz_stream
 
 log = logging.getLogger('viar')
 
@@ -147,3 +150,35 @@ def batch_stats(batch: Batch, network: InceptionFeatures, batch_size: int = DEFA
         except OSError as e:
             log.warning(f'could not write the activation cache beside {batch.path} ({e})')
     return stats
+
+
+def subset_batch(source: PathLike, rows: Sequence[int], path: PathLike) -> Path:
+    """The images `rows` (increasing) of an image-batch .npz as a new .npz, each activation cache of the source carried
+    over, so that scoring the subset runs no network. A subset newer than its source is reused."""
+    source, path = Path(source), Path(path)
+    if path.is_file() and path.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+        return path
+    images = open_batch(source).images
+    rows = np.asarray(rows, dtype=np.int64)
+    if not isinstance(images, NpzImages):
+        raise UserError(f'{source}: a subset needs an image .npz, not a folder or a stats file')
+    if not len(rows) or (np.diff(rows) <= 0).any() or rows[0] < 0 or rows[-1] >= len(images):
+        raise UserError(f'{source}: subset rows must increase within [0, {len(images)})')
+    write_npz_stream(path, _rows_of(images, rows), len(rows), images.shape[1:])
+    for cache in sorted(source.parent.glob(glob.escape(source.name) + '.*' + CACHE_SUFFIX)):
+        stats = load_stats(cache)
+        stale = cache.stat().st_mtime_ns < images.mtime_ns() or len(stats.pool_ND) != len(images)
+        if stale or stats.spatial_NS is None:  # the subset's sFID needs the spatial activations
+            continue
+        pool_ND, spatial_NS = stats.pool_ND[rows], stats.spatial_NS[rows]
+        save_stats(BatchStats(pool_ND, gaussian_stats(pool_ND), gaussian_stats(spatial_NS), stats.weights_id,
+                              spatial_NS), cache_path(path, stats.weights_id))
+    return path
+
+
+def _rows_of(images: NpzImages, rows: np.ndarray) -> Iterator[np.ndarray]:
+    """The images at `rows` (increasing), streamed."""
+    keep, start = set(rows.tolist()), 0
+    for chunk in images.batches(DEFAULT_BATCH_SIZE):
+        yield from (image for i, image in enumerate(chunk, start) if i in keep)
+        start += len(chunk)

@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from evaluation.batches import IMAGES_KEY, npz_headers
 from evaluation.evaluate import evaluate, format_results
 from evaluation.inception_weights import load_inception
 from evaluation.quality_report import quality_table, target_lines
@@ -38,6 +39,7 @@ log = logging.getLogger('viar')
 FLOOR_ROW = 'real training images (floor)'
 RECONSTRUCTION_ROW = 'tokenizer reconstructions'
 IMAGE_SIZE = 32
+TRACE_SCHEDULE = 'const:10'  # iterations per scale of the convergence trace: enough to see the residual settle
 # Quality targets of the full demo: FID as a multiple of the floor row's, precision and recall of the VIAR samples.
 TARGET_RECONSTRUCTION, TARGET_FID, TARGET_PRECISION, TARGET_RECALL = 1.5, 2.5, 0.5, 0.3
 
@@ -82,6 +84,17 @@ def get_parser() -> ArgumentParser:
     p.add_argument('--data', default=None, help='ImageFolder root to create (default data/fashion_mnist_demo[_quick])')
     p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
     p.add_argument('--seed', type=SEED, default=0)
+    return p
+
+
+def benchmark_parser(description: str, out: str, data: str) -> ArgumentParser:
+    """The flags of the benchmarks that run the demo's stages on Fashion-MNIST (bench/)."""
+    p = ArgumentParser(description=description)
+    p.add_argument('--out', default=out)
+    p.add_argument('--data', default=data, help='ImageFolder root to create')
+    p.add_argument('--raw_dir', default=None, help='Fashion-MNIST idx files (default: the Debian package)')
+    p.add_argument('--seed', type=SEED, default=0)
+    p.add_argument('--quick', action='store_true', help='tiny sizes: a smoke run, numbers meaningless')
     return p
 
 
@@ -161,6 +174,11 @@ def images_npz(files: List[Path], path: Path) -> Path:
     return path
 
 
+def npz_length(path: Path) -> int:
+    """Images in an image batch .npz (from its header)."""
+    return npz_headers(Path(path))[IMAGES_KEY][0][0]
+
+
 def first_per_class(split_dir: Path, per_class: int) -> List[Path]:
     """The first `per_class` PNGs (by name) of every class folder."""
     classes = sorted(d for d in split_dir.iterdir() if d.is_dir())
@@ -198,8 +216,7 @@ def score_sets(reference: Path, sets: Dict[str, Path], resamples: int) -> Dict[s
     results = {}
     for name, npz in sets.items():
         results[name] = evaluate(reference, npz, network=network, fid_method='eigh', resamples=resamples)
-        with np.load(npz) as f:
-            results[name]['n'] = len(f['arr_0'])
+        results[name]['n'] = npz_length(npz)
         log.info(f'[demo] {name}: ' + ', '.join(format_results(results[name])))
     return results
 
@@ -210,14 +227,16 @@ def sample_args(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str) -> Li
 
 
 def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int = 50,
-                  kv_policy: str = 'per_iteration', subnet=None) -> Dict[str, float]:
+                  kv_policy: str = 'per_iteration', subnet=None, seed: int = 0) -> Dict[str, float]:
     """Images/s and KV-cache bytes of the sampler for one schedule (batch of n, after a warm-up); `subnet` switches an
-    explicit VAR to a VARiant subnet."""
-    from models.sampler import autoregressive_infer_cfg, image_seed
+    explicit VAR to a VARiant subnet. A budget schedule is calibrated first (with `seed`, as sampling.py does), outside
+    the timing."""
+    from models.sampler import autoregressive_infer_cfg, image_seed, resolve_schedule
     from models.schedules import parse_schedule
     vae, var = load_models(ckpt, vae_ckpt)
     labels = torch.arange(n) % var.num_classes
-    kw = dict(cfg=cfg, schedule=parse_schedule(schedule), image_seeds=[image_seed(0, i) for i in range(n)],
+    resolved = resolve_schedule(var, parse_schedule(schedule), seed=seed, cfg=cfg, kv_policy=kv_policy)
+    kw = dict(cfg=cfg, schedule=resolved, image_seeds=[image_seed(0, i) for i in range(n)],
               kv_policy=kv_policy, subnet=subnet)
     autoregressive_infer_cfg(var, 4, labels[:4], **{**kw, 'image_seeds': kw['image_seeds'][:4]})
     stats = {}
@@ -225,6 +244,14 @@ def measure_speed(ckpt: Path, vae_ckpt: Path, schedule: str, cfg: float, n: int 
     autoregressive_infer_cfg(var, n, labels, stats=stats, **kw)
     return {'images_per_s': n / (time.perf_counter() - t0), 'kv_cache_MiB': stats['kv_bytes'] / 2 ** 20,
             'iters_per_scale': stats['iters']}
+
+
+def trace_stage(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, trace_dir: Path, png: Path):
+    """gen_img.py --trace: the residual and cosine curves per scale (paper Fig. 3), one image per class at
+    TRACE_SCHEDULE, copied to `png` (trace_dir keeps trace.json)."""
+    call_cli(gen_img_cli, sample_args(ckpt, vae_ckpt, plan, TRACE_SCHEDULE) + [
+        '--classes', '0-9', '--seeds', '0', '--trace', '--out_dir', str(trace_dir)], 'convergence trace')
+    copy_atomic(trace_dir / 'trace.png', png)
 
 
 def target_checks(metrics: Dict[str, dict], schedules: Sequence[str]) -> List[tuple]:
@@ -313,10 +340,7 @@ def main(args):
         ckpt, vae_ckpt, plan, plan.schedules[0]) + ['--classes', '0-9', '--seeds', f'0-{plan.grid_seeds - 1}',
                                                    '--save_grid', '--out_dir', str(grid_dir)], 'grid sampling')
     copy_atomic(grid_dir / 'grid.png', out / 'samples_grid.png')
-    trace_dir = out / 'trace'
-    call_cli(gen_img_cli, sample_args(ckpt, vae_ckpt, plan, 'const:10') + [
-        '--classes', '0-9', '--seeds', '0', '--trace', '--out_dir', str(trace_dir)], 'convergence trace')
-    copy_atomic(trace_dir / 'trace.png', out / 'convergence.png')
+    trace_stage(ckpt, vae_ckpt, plan, out / 'trace', out / 'convergence.png')
 
     npzs = stages.run('sample images for the metrics', lambda: {
         s: sample_set(ckpt, vae_ckpt, plan, s, out / 'samples', args.seed) for s in plan.schedules})

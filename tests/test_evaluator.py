@@ -23,7 +23,8 @@ from evaluation.inception_weights import (TORCHSCRIPT_LAYERS, NO_LOGITS_REASON, 
 from evaluation.metrics import (FRECHET_METHODS, GaussianStats, class_probabilities, frechet_distance,
                                 frechet_distance_eigh, gaussian_stats, inception_score, manifold_radii,
                                 precision_recall)
-from evaluation.stats import batch_stats, cache_path, load_stats, prepared_batches, save_stats
+from evaluation.stats import (BatchStats, batch_stats, cache_path, load_stats, prepared_batches, save_stats,
+                              subset_batch)
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 
@@ -555,6 +556,32 @@ def test_cache_is_keyed_by_weights_and_invalidated_by_a_newer_batch(e2e, offline
         batch_stats(batch, NoForward(offline.weights_id))
     with pytest.raises(ForwardCalled):
         batch_stats(open_batch(e2e['ref']), NoForward(offline.weights_id), cache=False)
+
+
+def test_a_subset_carries_the_cached_activations(tmp_path):
+    images = make_images(6, seed=4, noise=0.2)
+    source = tmp_path / 'set.npz'
+    np.savez(source, arr_0=images)
+    rng = np.random.default_rng(0)
+    pool, spatial = rng.random((6, POOL_DIM), dtype=np.float32), rng.random((6, SPATIAL_DIM), dtype=np.float32)
+    weights = 'torchscript-' + '1' * 64
+    save_stats(BatchStats(pool, gaussian_stats(pool), gaussian_stats(spatial), weights, spatial),
+               cache_path(source, weights))
+    rows = [1, 3, 4]
+    subset = subset_batch(source, rows, tmp_path / 'subset.npz')
+    assert np.array_equal(np.load(subset)['arr_0'], images[rows])
+    stats = batch_stats(open_batch(subset), NoForward(weights), spatial=True)    # no network run
+    assert np.array_equal(stats.pool_ND, pool[rows]) and np.array_equal(stats.spatial_NS, spatial[rows])
+    np.testing.assert_allclose(stats.sfid.sigma, gaussian_stats(spatial[rows]).sigma)
+    np.testing.assert_allclose(stats.fid.mu, pool[rows].mean(0), rtol=1e-6)
+    # A cache without the spatial activations cannot give the subset's sFID: the subset then needs the network.
+    save_stats(BatchStats(pool, gaussian_stats(pool), gaussian_stats(spatial), weights), cache_path(source, weights))
+    with pytest.raises(ForwardCalled):
+        batch_stats(open_batch(subset_batch(source, rows, tmp_path / 'other.npz')), NoForward(weights))
+    with pytest.raises(UserError, match='rows must increase'):
+        subset_batch(source, [3, 1], tmp_path / 'bad.npz')
+    with pytest.raises(UserError, match='rows must increase'):
+        subset_batch(source, [5, 6], tmp_path / 'bad.npz')
 
 
 def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):

@@ -8,6 +8,7 @@ from PIL import Image
 
 from utils import fashion_mnist
 from utils.cli import UserError
+from utils.fileio import read_json_object
 from utils.fashion_mnist import CLASS_NAMES, DONE_FILE, prepare, read_idx
 
 
@@ -39,6 +40,25 @@ def test_prepare_image_folder(tmp_path):
     small = prepare(tmp_path / 'small', size=32, raw_dir=str(raw), per_class=1, val_per_class=2)
     assert sum(1 for _ in (small / 'train').rglob('*.png')) == 10
     assert sum(1 for _ in (small / 'val').rglob('*.png')) == 20
+    assert not (small / 'test').exists()
+
+
+def test_prepare_a_test_split_beside_a_small_val_split(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    _write_idx(raw, 'train', 30, 0)
+    test_images, _ = _write_idx(raw, 't10k', 40, 1)
+    root = prepare(tmp_path / 'out', size=32, raw_dir=str(raw), per_class=2, val_per_class=1, test=True)
+    count = {split: sum(1 for _ in (root / split).rglob('*.png')) for split in ('train', 'val', 'test')}
+    assert count == {'train': 20, 'val': 10, 'test': 40}
+    png = np.asarray(Image.open(root / 'test' / CLASS_NAMES[7] / '00037.png'))
+    assert np.array_equal(png[2:30, 2:30, 0], test_images[37])
+    assert read_json_object(root / DONE_FILE)['counts'] == count
+    mtime = (root / DONE_FILE).stat().st_mtime
+    prepare(tmp_path / 'out', size=32, raw_dir=str(raw), per_class=2, val_per_class=1, test=True)
+    assert (root / DONE_FILE).stat().st_mtime == mtime
+    limited = prepare(tmp_path / 'limited', size=32, raw_dir=str(raw), per_class=1, test=True, test_per_class=3)
+    assert sum(1 for _ in (limited / 'test').rglob('*.png')) == 30
 
 
 def test_errors(tmp_path, monkeypatch):

@@ -4,7 +4,9 @@
 
 The original idx files come from Debian's `dataset-fashion-mnist` package (/usr/share/datasets/fashion-mnist), or
 from --raw_dir / $FASHION_MNIST_DIR holding train-images-idx3-ubyte.gz etc. Images are 28x28 grey, written as RGB
-PNGs zero-padded (black background) to --size; train = the 60k training set, val = the 10k test set.
+PNGs zero-padded (black background) to --size; train = the 60k training set, val = the 10k test set. With --test,
+the test set is also written as a split of its own (test/), for a benchmark that scores against all of it while val
+stays the small split a trainer validates on.
 """
 import gzip
 import os
@@ -25,7 +27,7 @@ DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 # Index-prefixed so that ImageFolder's sorted class order equals the dataset's label ids.
 CLASS_NAMES = ('0-tshirt-top', '1-trouser', '2-pullover', '3-dress', '4-coat', '5-sandal', '6-shirt', '7-sneaker',
                '8-bag', '9-ankle-boot')
-SPLITS = {'train': 'train', 'val': 't10k'}
+SPLITS = {'train': 'train', 'val': 't10k', 'test': 't10k'}  # split -> idx file prefix
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
 MAX_IDX_BYTES = 2 ** 31  # far above Fashion-MNIST's 47 MB: a header announcing more is malformed
 DONE_FILE = 'prepared.json'
@@ -97,20 +99,24 @@ def to_rgb_padded(img_hw: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare(out_root: Path, size: int = 32, raw_dir: Optional[str] = None, per_class: Optional[int] = None,
-            val_per_class: Optional[int] = None) -> Path:
+            val_per_class: Optional[int] = None, test: bool = False, test_per_class: Optional[int] = None) -> Path:
     """Write out_root/{train,val}/<class>/<index>.png once (at most `per_class` / `val_per_class` images per class of
-    the train / val split; all by default); later calls return at once. Returns out_root."""
+    the train / val split; all by default), and with `test` also out_root/test/ (at most `test_per_class` per class
+    of the test set); later calls return at once. Returns out_root."""
     out_root = Path(out_root)
     done = out_root / DONE_FILE
+    limits = {'train': per_class, 'val': val_per_class, **({'test': test_per_class} if test else {})}
     want = {'size': size, 'per_class': per_class, 'val_per_class': val_per_class}
+    if test:  # only then, so that a folder prepared without a test split keeps matching its own request
+        want.update(test=True, test_per_class=test_per_class)
     if done.is_file() and {k: read_json_object(done).get(k) for k in want} == want:
         return out_root
     raw = find_raw_dir(raw_dir)
-    splits = {split: read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
-              for split, prefix in SPLITS.items()}  # all four files checked before anything is written
+    sources = {prefix: read_idx(raw / f'{prefix}-images-idx3-ubyte.gz', raw / f'{prefix}-labels-idx1-ubyte.gz')
+               for prefix in sorted(set(SPLITS.values()))}  # all four files checked before anything is written
     counts = {}
-    for split, (images, labels) in splits.items():
-        limit = per_class if split == 'train' else val_per_class
+    for split, limit in limits.items():
+        images, labels = sources[SPLITS[split]]
         for name in CLASS_NAMES:
             (out_root / split / name).mkdir(parents=True, exist_ok=True)
         taken = np.zeros(len(CLASS_NAMES), dtype=int)
@@ -134,13 +140,16 @@ def get_parser() -> ArgumentParser:
                    help='keep at most this many training images per class')
     p.add_argument('--val_per_class', type=int_range(1), default=None,
                    help='keep at most this many val images per class')
+    p.add_argument('--test', action='store_true', help='also write the test set as its own split, test/')
+    p.add_argument('--test_per_class', type=int_range(1), default=None,
+                   help='with --test: keep at most this many test images per class')
     return p
 
 
 def main(args):
     writable_dir(args.out, '--out')
     root = prepare(Path(args.out), size=args.size, raw_dir=args.raw_dir, per_class=args.per_class,
-                   val_per_class=args.val_per_class)
+                   val_per_class=args.val_per_class, test=args.test, test_per_class=args.test_per_class)
     print(f'Fashion-MNIST ImageFolder ready at {root}: {read_json_object(root / DONE_FILE).get("counts")}')
 
 

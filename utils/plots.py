@@ -1,7 +1,7 @@
 """Plots shared by the CLIs, the demo and the benchmarks (matplotlib, drawn off-screen)."""
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from utils.fileio import atomic_write, write_json_atomic  # noqa: E402
 
 MIN_RESIDUAL = 1e-12  # floor for the log axis
+MARKERS = ('o', 's', '^', 'D', 'v', 'P')
+BAND_STYLES = ('-', '--', ':', '-.')
 
 
 def write_trace(trace: Dict[int, List[dict]], patch_nums: Sequence[int], json_path: Path, png_path: Path):
@@ -59,4 +61,29 @@ def plot_training_curves(tokenizer_log: Path, model_log: Path, png: Path):
     fig.tight_layout()
     with atomic_write(png) as f:
         fig.savefig(f, format='png', dpi=110)
+    plt.close(fig)
+
+
+def plot_quality_vs_speed(points: Sequence[dict], png: Path, title: str,
+                          bands: Sequence[Tuple[str, float, float]] = ()):
+    """FID against images/s with bootstrap error bars, one labelled point per dict ({'label', 'group', 'images_per_s',
+    'fid', 'fid_se'}), one colour per group; `bands` (label, FID, standard error) are horizontal references such as
+    real images."""
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, group in enumerate(dict.fromkeys(p['group'] for p in points)):
+        members = [p for p in points if p['group'] == group]
+        ax.errorbar([p['images_per_s'] for p in members], [p['fid'] for p in members],
+                    yerr=[p.get('fid_se') or 0 for p in members], fmt=MARKERS[i % len(MARKERS)], capsize=3,
+                    label=group)
+        for p in members:
+            ax.annotate(p['label'], (p['images_per_s'], p['fid']), textcoords='offset points', xytext=(4, 4),
+                        fontsize=7)
+    for (label, fid, se), style in zip(bands, BAND_STYLES):
+        ax.axhspan(fid - se, fid + se, color='grey', alpha=0.25)
+        ax.axhline(fid, color='grey', lw=1, ls=style, label=label)
+    ax.set(xlabel='images/s (sampling, CPU)', ylabel='FID (± bootstrap standard error)', title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(png) as f:
+        fig.savefig(f, format='png', dpi=120)
     plt.close(fig)
