@@ -54,10 +54,14 @@ def interleaved_timings(tasks: Dict[str, Callable[[], object]], rounds: int, war
     return times
 
 
-# The ops that carry the counted FLOPs on a CPU or GPU: matrix products, convolutions and fused attention.
+# The ops that carry the counted FLOPs on a CPU or GPU: matrix products, convolutions and fused attention, forward
+# and backward.
 FLOP_OPS = ('aten::addmm', 'aten::mm', 'aten::bmm', 'aten::baddbmm', 'aten::mkldnn_convolution',
             'aten::convolution', 'aten::cudnn_convolution', 'aten::_scaled_dot_product_flash_attention_for_cpu',
             'aten::_scaled_dot_product_flash_attention', 'aten::_scaled_dot_product_efficient_attention',
+            'aten::_scaled_dot_product_flash_attention_for_cpu_backward',
+            'aten::_scaled_dot_product_flash_attention_backward',
+            'aten::_scaled_dot_product_efficient_attention_backward', 'aten::convolution_backward',
             'aten::_mkldnn_linear', 'aten::mkldnn_linear', 'aten::_linear_pointwise', 'aten::_int_mm')
 
 
