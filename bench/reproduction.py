@@ -112,7 +112,7 @@ def main(args):
     stages = demo.Stages(total=len(estimate) - (args.vae_ckpt is not None))
     results = reproduction.run(plan, out, data, args.raw_dir, args.seed, args.quick,
                                Path(args.vae_ckpt) if args.vae_ckpt else None, results_dir / TRACE_PNG, stages)
-    results['meta'] = {'command': 'python -m bench.reproduction ' + ' '.join(sys.argv[1:]), 'machine': machine(),
+    results['meta'] = {'command': ' '.join(['python -m bench.reproduction', *sys.argv[1:]]), 'machine': machine(),
                        'stage_seconds': stages.times, 'estimate_seconds': estimate,
                        'total_seconds': time.time() - started, 'quick': args.quick}
     write_json_atomic(results_dir / 'reproduction.json', results)

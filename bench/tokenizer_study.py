@@ -73,7 +73,7 @@ def main(args):
             sets[row] = demo.reconstructions_npz(floor, ckpt, run_dir / f'epoch{epoch}')
             extra[row] = {'training (s)': f'{seconds:.0f}', 'images seen': f'{epoch * train_images:,}'}
     metrics = demo.score_sets(reference, sets, plan.resamples)
-    meta = {'command': 'python -m bench.tokenizer_study ' + ' '.join(sys.argv[1:]), 'machine': machine(),
+    meta = {'command': ' '.join(['python -m bench.tokenizer_study', *sys.argv[1:]]), 'machine': machine(),
             'plan': demo.asdict(plan), 'total_seconds': time.time() - started}
     lines = ['# Tokenizer study: reconstruction quality vs training time (Fashion-MNIST 32x32)', '',
              f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min)  ",
