@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
+from models.sampler import MAX_SEED  # seeds are 64-bit signed integers in torch and numpy
 from models.schedules import MAX_ITERS_PER_SCALE, ScheduleError
 from utils.checkpoint import CheckpointError
 
@@ -64,7 +65,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # ---- numeric flags: one validation layer, as argparse types (a bad value fails at parse time, before any file) ---
-MAX_SEED = 2 ** 63 - 1    # seeds are 64-bit signed integers in torch and numpy
 # Architecture sizes far beyond any real model: larger values are typos that would only fail later (or never finish).
 MAX_DEPTH, MAX_WIDTH, MAX_VOCAB = 1024, 65536, 2 ** 24
 
