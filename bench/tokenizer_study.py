@@ -72,7 +72,7 @@ def main(args):
             row = f'{label}, epoch {epoch}'
             sets[row] = demo.reconstructions_npz(floor, ckpt, run_dir / f'epoch{epoch}')
             extra[row] = {'training (s)': f'{seconds:.0f}', 'images seen': f'{epoch * train_images:,}'}
-    metrics = demo.score_sets(reference, sets, plan.resamples)
+    metrics = demo.score_sets(reference, sets, plan.resamples, plan.inception_precision)
     meta = {'command': ' '.join(['python -m bench.tokenizer_study', *sys.argv[1:]]), 'machine': machine(),
             'plan': demo.asdict(plan), 'total_seconds': time.time() - started}
     lines = ['# Tokenizer study: reconstruction quality vs training time (Fashion-MNIST 32x32)', '',
@@ -81,7 +81,8 @@ def main(args):
              f"The demo's recipe (batch {plan.batch_size}, base lr {plan.tokenizer_lr}, {plan.precision} autocast, "
              f'L2 + L1, cosine schedule over the epochs shown) on {plan.train_per_class} training images per class. '
              'Rows: reconstructions of the floor images by the checkpoint after each epoch, against the '
-             f'{plan.val_per_class * 10} validation images; ± is the bootstrap standard error. Training seconds '
+             f'{plan.val_per_class * 10} validation images (Inception in {plan.inception_precision}); ± is the '
+             'bootstrap standard error. Training seconds '
              'include the per-epoch validation and checkpoint writes.', '',
              *quality_table(metrics, demo.FLOOR_ROW, extra, ('training (s)', 'images seen')), '']
     results = out if args.quick else RESULTS

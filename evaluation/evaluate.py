@@ -10,7 +10,7 @@ import torch
 
 from evaluation.batches import open_batch
 from evaluation.inception import POOL_DIM
-from evaluation.inception_weights import DEFAULT_BACKEND, InceptionFeatures, load_inception
+from evaluation.inception_weights import DEFAULT_BACKEND, DEFAULT_PRECISION, InceptionFeatures, load_inception
 from evaluation.metrics import FRECHET_METHODS, class_probabilities, inception_score, precision_recall_hits
 from evaluation.stats import DEFAULT_BATCH_SIZE, BatchStats, batch_stats, save_stats
 from evaluation.uncertainty import standard_errors
@@ -59,7 +59,7 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
              batch_size: int = DEFAULT_BATCH_SIZE, weights: Optional[PathLike] = None, *,
              network: Optional[InceptionFeatures] = None, cache: bool = True, is_shuffle_seed: Optional[int] = 0,
              progress: bool = True, fid_method: str = 'scipy', resamples: int = 0,
-             backend: str = DEFAULT_BACKEND) -> Dict[str, Any]:
+             backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION) -> Dict[str, Any]:
     """ADM's five metrics of a sample batch against a reference batch.
 
     Returns {'inception_score', 'fid', 'sfid', 'precision', 'recall'} as floats; 'inception_score' is None when the
@@ -70,7 +70,8 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     `resamples` > 0 adds bootstrap standard errors 'fid_se', 'sfid_se', 'precision_se', 'recall_se'
     (evaluation/uncertainty.py); the sample batch must then hold images, not only statistics.
     `backend` runs Inception fused for speed ('fast'), as the plain architecture ('eager') or as the offline
-    TorchScript file ('torchscript'); the features agree within 1e-5 relative.
+    TorchScript file ('torchscript'); the features agree within 1e-5 relative. `precision` 'bf16' runs it under
+    bf16 autocast: faster, but its numbers are comparable only with other bf16 numbers (inception_weights.PRECISIONS).
     """
     if fid_method not in FRECHET_METHODS:
         raise UserError(f'unknown Fréchet method {fid_method!r}; choose from {sorted(FRECHET_METHODS)}')
@@ -83,7 +84,7 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     if resamples and sample.images is None:
         raise UserError(f'{sample.path}: --bootstrap resamples the sample images; pass the images, not a stats file')
     if network is None:
-        network = load_inception(weights, resolve_device(str(device)), backend)
+        network = load_inception(weights, resolve_device(str(device)), backend, precision)
     with strict_fp32():
         log.info('reference batch:')
         ref_stats = batch_stats(ref, network, batch_size, cache, progress)
@@ -126,7 +127,7 @@ def format_results(results: Dict[str, Any]) -> List[str]:
 
 def write_stats(input_path: PathLike, out_path: PathLike, device='auto', batch_size: int = DEFAULT_BATCH_SIZE,
                 weights: Optional[PathLike] = None, progress: bool = True,
-                backend: str = DEFAULT_BACKEND) -> BatchStats:
+                backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION) -> BatchStats:
     """Compute the stats of one batch and write them as a stats .npz usable in place of that batch."""
     out_path = Path(out_path)
     batch = open_batch(input_path)
@@ -137,7 +138,7 @@ def write_stats(input_path: PathLike, out_path: PathLike, device='auto', batch_s
     if not out_path.parent.is_dir():
         raise UserError(f'--save-stats {out_path}: folder {out_path.parent} does not exist')
     writable_dir(out_path.parent, '--save-stats', create=False)
-    network = load_inception(weights, resolve_device(str(device)), backend)
+    network = load_inception(weights, resolve_device(str(device)), backend, precision)
     with strict_fp32():
         stats = batch_stats(batch, network, batch_size, cache=False, progress=progress)
     save_stats(stats, out_path)

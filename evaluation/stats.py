@@ -25,7 +25,7 @@ log = logging.getLogger('viar')
 
 DEFAULT_BATCH_SIZE = 64                      # ADM's activation batch
 SPATIAL_KEY = 'spatial'                      # stats files, optional: float32 mixed_6/conv activations (N, 2023)
-WEIGHTS_KEY = 'weights_id'                   # stats files: which Inception weights produced them
+WEIGHTS_KEY = 'weights_id'                   # stats files: which Inception weights (and precision) produced them
 CACHE_SUFFIX = '.stats.npz'
 WEIGHTS_TAG_CHARS = 8                        # hex digits of the weights hash in a cache file name
 
@@ -133,20 +133,21 @@ def batch_stats(batch: Batch, network: InceptionFeatures, batch_size: int = DEFA
     `spatial` keeps the mixed_6/conv activations too (sFID's bootstrap needs them; 8 KB per image in the cache)."""
     if batch.images is None:
         stats = load_stats(batch.path)
-        if stats.weights_id != network.weights_id:
+        if stats.weights_id != network.features_id:
             raise UserError(f'{batch.path}: computed with Inception weights {stats.weights_id[:40]}..., but this run '
-                            f'uses {network.weights_id[:40]}...; recompute it or pass the matching --inception')
+                            f'uses {network.features_id[:40]}...; recompute it or pass the matching --inception / '
+                            f'--inception-precision')
         return stats
-    cached = _read_cache(batch, network.weights_id) if cache else None
+    cached = _read_cache(batch, network.features_id) if cache else None
     if cached is not None and (cached.spatial_NS is not None or not spatial):
         return cached
     log.info(f'computing activations of {batch.path} ({len(batch.images)} images)')
     pool_ND, spatial_NS = compute_activations(batch.images, network, batch_size, progress)
     fid, sfid = batch.stored or (gaussian_stats(pool_ND), gaussian_stats(spatial_NS))
-    stats = BatchStats(pool_ND, fid, sfid, network.weights_id, spatial_NS if spatial else None)
+    stats = BatchStats(pool_ND, fid, sfid, network.features_id, spatial_NS if spatial else None)
     if cache:
         try:
-            save_stats(stats, cache_path(batch.path, network.weights_id))
+            save_stats(stats, cache_path(batch.path, network.features_id))
         except OSError as e:
             log.warning(f'could not write the activation cache beside {batch.path} ({e})')
     return stats

@@ -79,8 +79,8 @@ class NoForward:
     logits_weight_KD = None
     no_logits_reason = NO_LOGITS_REASON
 
-    def __init__(self, weights_id: str):
-        self.weights_id = weights_id
+    def __init__(self, features_id: str):
+        self.weights_id = self.features_id = features_id
 
     def features(self, images):
         raise ForwardCalled
@@ -342,6 +342,23 @@ def test_fast_backend_matches_the_torchscript_model(offline, few_images, few_fea
         assert_relative_close(got, want, 1e-4)
 
 
+def test_bf16_features_are_close_and_keyed_apart(offline, few_images, few_features, tmp_path):
+    fast32 = load_inception(None, 'cpu')
+    fast16 = load_inception(None, 'cpu', precision='bf16')
+    assert fast32.features_id == fast32.weights_id == offline.weights_id
+    kind, _, digest = offline.weights_id.rpartition('-')
+    assert fast16.weights_id == offline.weights_id and fast16.features_id == f'{kind}-bf16-{digest}'
+    ref = tmp_path / 'ref.npz'
+    assert cache_path(ref, fast16.features_id) != cache_path(ref, fast32.features_id)
+    got = fast16.features(few_images)
+    for g, want in zip(got, few_features):
+        assert g.dtype == torch.float32
+        assert not torch.equal(g, want)                  # bf16 arithmetic really ran ...
+        assert ((g - want).norm(dim=1) / want.norm(dim=1)).max() <= 0.05   # ... and stays near fp32's
+    with pytest.raises(CheckpointError, match="precision 'fp16'"):
+        load_inception(None, 'cpu', precision='fp16')
+
+
 def test_backends_are_checked():
     with pytest.raises(CheckpointError, match='unknown Inception backend'):
         load_offline_inception('cpu', 'onnx')
@@ -584,7 +601,7 @@ def test_a_subset_carries_the_cached_activations(tmp_path):
         subset_batch(source, [5, 6], tmp_path / 'bad.npz')
 
 
-def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
+def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path, capsys):
     folder = tmp_path / 'pngs'
     folder.mkdir()
     images = np.load(e2e['ref'])['arr_0'][:PNG_IMAGES]
@@ -603,6 +620,10 @@ def test_stats_mode_on_a_png_folder(e2e, offline, tmp_path):
                           stats.pool_ND)
     with pytest.raises(UserError, match='computed with Inception weights'):
         batch_stats(open_batch(out), NoForward('pytorch-fid-' + '0' * 64))
+    # So is a stats file computed in another precision: its numbers would not be comparable.
+    code = run(evaluator_cli.main, get_parser(), [str(out), str(e2e['sample']), '--inception-precision', 'bf16',
+                                                  '--no-progress'])
+    assert code != 0 and '--inception-precision' in capsys.readouterr().err
 
 
 def test_precomputed_reference_statistics_are_used_as_adm_does(e2e, offline, tmp_path, monkeypatch):
