@@ -1,33 +1,35 @@
 """Reproduction in miniature (VIAR paper Tables 1-3 and Fig. 3, plus a VARiant supernet) on Fashion-MNIST 32x32.
 
-    python -m bench.reproduction                # estimated 117 min on 2 idle CPU cores -> bench/results/
+    python -m bench.reproduction                # estimated 100 min on 2 idle CPU cores -> bench/results/
     python -m bench.reproduction --estimate     # print the plan's estimated wall time by stage, run nothing
     python -m bench.reproduction --quick        # smoke run of every stage (minutes) -> local_output/reproduction-quick
 
 A VAR (var-demo) and a VIAR with 39 % of its parameters (viar-demo, S-JFB over 0-6 detached and 1-4 recorded
-iterations) trained with the same budget on 10,000 training images (3 epochs, batch 32, bf16) from a tokenizer trained
-with the demo's recipe (or --vae_ckpt); the VAR fine-tuned one epoch into a VARiant supernet (a 3-layer subnet after a
-bridge of 3 scales). Every main row (the floor: 5,000 real training images; their tokenizer reconstructions; VAR;
-VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full depth and at the subnet) scores
-5,000 images against all 10,000 test images with bootstrap standard errors. The quality-vs-compute curve puts VIAR
-at const:1 ... const:10, linear, adaptive and budget schedules, the lean KV policy, the VAR and the VARiant rows on one
-plot of FID against images/s, each at 500 images. Estimated wall time of the default plan by stage (`--estimate`):
+iterations) trained with the same budget on 10,000 training images (5 epochs, batch 32, bf16) from a tokenizer trained
+with the demo's recipe for 6 epochs (or --vae_ckpt); the VAR fine-tuned one epoch into a VARiant supernet (a 3-layer
+subnet after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their tokenizer
+reconstructions; VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full depth and at
+the subnet) scores 5,000 images against all 10,000 test images with bootstrap standard errors. The quality-vs-compute
+curve puts VIAR at const:1 ... const:10, linear, adaptive and budget schedules, the lean KV policy, the VAR and the
+VARiant rows on one plot of FID against images/s, each at 500 images. Estimated wall time of the default plan by stage
+(`--estimate`):
 
     prepare Fashion-MNIST                0.4 min
-    train the tokenizer                  3.3 min
-    train VAR                           11.6 min
-    train VIAR                           8.2 min
-    train VARiant supernet               2.8 min
-    reference activations               13.9 min
+    train the tokenizer                 10.0 min
+    train VAR                           19.4 min
+    train VIAR                          14.4 min
+    train VARiant supernet               3.1 min
+    reference activations                6.2 min
     sample the main rows                 7.6 min
-    score the main rows                 54.9 min
+    score the main rows                 27.9 min
     sample the curve                     1.2 min
-    score the curve                     12.1 min
+    score the curve                      9.0 min
     speed, FLOPs, convergence trace      1.0 min
-    total                              117.1 min
+    total                              100.1 min
 
-Inception (fp32, ~12 images/s) dominates: 10,000 reference images once (cached beside the prepared data, so a rerun
-skips them) and 7 x 5,000 main-row images. --vae_ckpt saves the tokenizer's training.
+Inception (bf16, ~27 images/s; the rows are comparable with each other, not with fp32 FIDs) takes the largest share:
+10,000 reference images once (cached beside the prepared data, so a rerun skips them) and 7 x 5,000 main-row images.
+--vae_ckpt saves the tokenizer's training.
 Writes reproduction.md / .json, reproduction_curve.png and reproduction_convergence.png into bench/results/ (a
 --quick run into its --out); training runs, sample sets and activations stay in --out and are reused by a rerun.
 """
@@ -228,12 +230,16 @@ def to_markdown(results: dict) -> str:
               ('VIAR at most 40 % of the VAR\'s parameters',
                f"{results['costs'][viar_label]['params'] / results['costs']['VAR']['params']:.1%}",
                results['costs'][viar_label]['params'] <= 0.4 * results['costs']['VAR']['params'])]
-    estimated, measured = meta['estimate_seconds'], meta['stage_seconds']
+    # A stage reused from an earlier run (training) counts that run's time, so the total is the whole pipeline's.
+    estimated = meta['estimate_seconds']
+    measured = {**meta['stage_seconds'], **results.get('first_run_seconds', {})}
+    total = sum(measured.values())
     lines = [f"# Reproduction in miniature{' (quick mode: numbers meaningless)' if meta['quick'] else ''}", '',
-             f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min; estimated "
+             f"Command: `{meta['command']}` ({total / 60:.0f} min; estimated "
              f"{sum(estimated.values()) / 60:.0f} min)  ", f"Machine: {machine_line(meta['machine'])}", '',
              f"Fashion-MNIST 32x32. Every row is scored against all {results['reference_images']:,} test images "
-             f"(ADM protocol, offline Inception weights); ± is the bootstrap standard error over "
+             f"(ADM protocol, offline Inception weights in {plan['demo'].get('inception_precision', 'fp32')}); ± is "
+             f"the bootstrap standard error over "
              f"{plan['demo']['resamples']} resamples. The floor row scores real training images at the same N: no "
              'model can beat it at this N. Images/s: one batch of '
              f"{plan['speed_batch']} on this CPU in float32 (single batches, about ±20 %); GFLOPs counted per image "

@@ -30,8 +30,10 @@ FLOOR, RECONSTRUCTION = demo.FLOOR_ROW, demo.RECONSTRUCTION_ROW
 PRESETS = {'var': 'var-demo', 'viar': 'viar-demo'}  # viar-demo has 39 % of var-demo's parameters (models/var.py)
 TRAINED = {'var': 'VAR', 'viar': 'VIAR', 'supernet': 'VARiant supernet'}
 # Rates on the 2-core machine behind `estimate` (images per second unless noted): PNG writing, tokenizer training,
-# VAR / VIAR (at the default S-JFB ranges) / supernet training, sampling with PNG and .npz writing, Inception fp32.
-RATES = {'png': 800, 'tokenizer': 100, 'var': 43, 'viar': 61, 'supernet': 60, 'sampling': 55, 'inception': 12}
+# VAR / VIAR (at FULL's S-JFB ranges) / supernet training, sampling with PNG and .npz writing, Inception in fp32
+# and in bf16.
+RATES = {'png': 800, 'tokenizer': 100, 'var': 43, 'viar': 58, 'supernet': 54, 'sampling': 55, 'inception-fp32': 12,
+         'inception-bf16': 27}
 BOOTSTRAP_S = {'large': 1.0, 'small': 0.3}  # one Fréchet resample (FID or sFID) at N > 2048 / N <= 2048 images
 POOL_DIM = 2048
 # Seconds per scored row: precision/recall (the reference's radii included), the Fréchet distances and the reference
@@ -76,8 +78,8 @@ class ReproPlan:
 
 
 FULL = ReproPlan(
-    demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, model_epochs=3,
-                 resamples=20, schedules=('const:5',)),
+    demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, tokenizer_epochs=6,
+                 model_epochs=5, resamples=20, schedules=('const:5',)),
     test_per_class=None, curve_per_class=50, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
     curve_schedules=('const:1', 'const:2', 'const:3', 'const:5', 'const:10', 'linear:5,2', 'adaptive:0.01,10',
                      'budget:18,6'),
@@ -134,6 +136,7 @@ def estimate(plan: ReproPlan, train_tokenizer: bool = True, test_images: int = 1
     nc = plan.curve_per_class * NUM_CLASSES
     test = test_images if plan.test_per_class is None else plan.test_per_class * NUM_CLASSES
     main_sets, extra = len(model_rows(plan)), len(curve_rows(plan))
+    inception = RATES[f'inception-{d.inception_precision}']
     scored_main, scored_curve = main_sets + 2, main_sets + extra + 2   # + floor and reconstructions
 
     def bootstrap(size: int) -> float:
@@ -145,11 +148,11 @@ def estimate(plan: ReproPlan, train_tokenizer: bool = True, test_images: int = 1
         'train VAR': d.model_epochs * train / RATES['var'],
         'train VIAR': d.model_epochs * train / RATES['viar'],
         'train VARiant supernet': plan.supernet_epochs * train / RATES['supernet'],
-        'reference activations': test / RATES['inception'],
+        'reference activations': test / inception,
         'sample the main rows': main_sets * n / RATES['sampling'],
-        'score the main rows': scored_main * (n / RATES['inception'] + bootstrap(n) + PR_S + FRECHET_S),
+        'score the main rows': scored_main * (n / inception + bootstrap(n) + PR_S + FRECHET_S),
         'sample the curve': extra * nc / RATES['sampling'],
-        'score the curve': extra * nc / RATES['inception'] + scored_curve * (bootstrap(nc) + PR_S + FRECHET_S),
+        'score the curve': extra * nc / inception + scored_curve * (bootstrap(nc) + PR_S + FRECHET_S),
         'speed, FLOPs, convergence trace': (main_sets + extra) * SPEED_S + TRACE_S,
     }
 
@@ -195,13 +198,13 @@ def prepare_data(data: Path, plan: ReproPlan, raw_dir: Optional[str]) -> Path:
                    val_per_class=plan.demo.val_per_class, test=True, test_per_class=plan.test_per_class)
 
 
-def reference_npz(root: Path) -> Path:
+def reference_npz(root: Path, precision: str) -> Path:
     """The test split as one image batch beside the prepared data, with its Inception activations cached there too
     (a rerun reads them back)."""
     files = sorted((root / 'test').rglob('*.png'))
     npz = demo.images_npz(files, root / f'test-{len(files)}.npz')
     with strict_fp32():
-        batch_stats(open_batch(npz), load_inception(None, 'cpu'))
+        batch_stats(open_batch(npz), load_inception(None, 'cpu', precision=precision))
     return npz
 
 
@@ -242,25 +245,30 @@ def run(plan: ReproPlan, out: Path, data: Path, raw_dir: Optional[str], seed: in
         vae_ckpt: Optional[Path], trace_png: Path, stages) -> dict:
     """Every stage; returns what the report needs (JSON-ready apart from the checkpoint paths)."""
     root = stages.run('prepare Fashion-MNIST', prepare_data, data, plan, raw_dir)
+    first_run = {}   # seconds of the training stages in the run that produced them (a rerun reuses them)
     if vae_ckpt is None:
-        vae_ckpt = stages.run('train the tokenizer', demo.train_tokenizer_stage, root, out / 'tokenizer', plan.demo,
-                              seed, quick)
+        vae_ckpt, first_run['train the tokenizer'] = stages.run(
+            'train the tokenizer', timed_once, out / 'tokenizer' / 'wall_time.json',
+            lambda: demo.train_tokenizer_stage(root, out / 'tokenizer', plan.demo, seed, quick))
     trained = train_models(root, out, vae_ckpt, plan, seed, quick, stages)
+    first_run.update({f'train {TRAINED[m]}': t['seconds'] for m, t in trained.items()})
     ckpts = {model: t['ckpt'] for model, t in trained.items()}
-    reference = stages.run('reference activations', reference_npz, root)
+    reference = stages.run('reference activations', reference_npz, root, plan.demo.inception_precision)
     n, nc = plan.demo.samples_per_class, plan.curve_per_class
     main, curve = model_rows(plan), curve_rows(plan)
     main_dir, curve_dir = out / f'main-{n}pc', out / f'curve-{nc}pc'
     main_sets = stages.run('sample the main rows', lambda: {
         **real_sets(root, vae_ckpt, n, main_dir), **sample_rows(main, ckpts, vae_ckpt, plan, n, main_dir, seed)})
-    metrics = stages.run('score the main rows', demo.score_sets, reference, main_sets, plan.demo.resamples)
+    metrics = stages.run('score the main rows', demo.score_sets, reference, main_sets, plan.demo.resamples,
+                         plan.demo.inception_precision)
     # The curve's points of the main rows are the first nc images per class of their sets, scored from the cached
     # activations; its other VIAR points are sampled at nc.
     rows = class_major_rows(n, nc)
     curve_sets = {name: subset_batch(npz, rows, curve_dir / f'{npz.stem}-first{nc}pc.npz')
                   for name, npz in main_sets.items()}
     curve_sets.update(stages.run('sample the curve', sample_rows, curve, ckpts, vae_ckpt, plan, nc, curve_dir, seed))
-    curve_metrics = stages.run('score the curve', demo.score_sets, reference, curve_sets, plan.demo.resamples)
+    curve_metrics = stages.run('score the curve', demo.score_sets, reference, curve_sets,
+                               plan.demo.resamples, plan.demo.inception_precision)
 
     def speed_and_trace() -> Dict[str, dict]:
         demo.trace_stage(ckpts['viar'], vae_ckpt, plan.demo, out / 'trace', trace_png)
@@ -271,4 +279,4 @@ def run(plan: ReproPlan, out: Path, data: Path, raw_dir: Optional[str], seed: in
             'rows': [asdict(r) for r in main], 'curve_rows': [asdict(r) for r in curve],
             'training': {m: {k: v for k, v in t.items() if k != 'ckpt'} for m, t in trained.items()},
             'trace': read_json_object(out / 'trace' / 'trace.json'), 'reference_images': demo.npz_length(reference),
-            'tokenizer': str(vae_ckpt)}
+            'tokenizer': str(vae_ckpt), 'first_run_seconds': first_run}

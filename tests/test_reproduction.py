@@ -47,7 +47,8 @@ def synthetic_results(viar_fid, se: float = 0.5) -> dict:
             'quick': False}
     return {'plan': asdict(plan), 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
             'rows': [asdict(r) for r in rows], 'curve_rows': [asdict(r) for r in curve], 'training': training,
-            'trace': trace, 'reference_images': 10_000, 'tokenizer': 'tok.pth', 'meta': meta}
+            'trace': trace, 'reference_images': 10_000, 'tokenizer': 'tok.pth', 'meta': meta,
+            'first_run_seconds': {'train VIAR': 900.0}}
 
 
 def table(report: str, header: str):
@@ -87,7 +88,12 @@ def test_report_has_the_floor_row_errors_targets_and_the_curve(tmp_path):
     assert '4.000 → 3.500 → 3.490' in report and 'VAR -0.010' in report
     trace = table(report, '| scale |')
     assert trace[1].startswith('| 1x1 | 1.00e+00 | 5.00e-01 | 2.50e-01 | 6.25e-02 |')  # step t = iteration t + 1
-    assert '| train VAR | 11.6 | 11.7 |' in report                                      # estimate vs measured
+    estimate = results['meta']['estimate_seconds']
+    assert f"| train VAR | {estimate['train VAR'] / 60:.1f} | 11.7 |" in report            # estimate vs measured
+    # A training stage reused from an earlier run counts that run's seconds, in its row and in the total.
+    assert f"| train VIAR | {estimate['train VIAR'] / 60:.1f} | 15.0 |" in report
+    assert f"Command: `python -m bench.reproduction` (27 min; estimated {sum(estimate.values()) / 60:.0f} min)" \
+        in report
 
 
 def test_report_states_when_iterations_matter_and_a_missed_target(tmp_path):

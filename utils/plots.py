@@ -13,6 +13,7 @@ from utils.fileio import atomic_write, write_json_atomic  # noqa: E402
 MIN_RESIDUAL = 1e-12  # floor for the log axis
 MARKERS = ('o', 's', '^', 'D', 'v', 'P')
 BAND_STYLES = ('-', '--', ':', '-.')
+LABEL_OFFSETS = ((0, 14), (0, -22), (0, 30), (0, -38))   # points: label positions taken in turn along the x axis
 
 
 def write_trace(trace: Dict[int, List[dict]], patch_nums: Sequence[int], json_path: Path, png_path: Path):
@@ -69,20 +70,24 @@ def plot_quality_vs_speed(points: Sequence[dict], png: Path, title: str,
     """FID against images/s with bootstrap error bars, one labelled point per dict ({'label', 'group', 'images_per_s',
     'fid', 'fid_se'}), one colour per group; `bands` (label, FID, standard error) are horizontal references such as
     real images."""
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     for i, group in enumerate(dict.fromkeys(p['group'] for p in points)):
         members = [p for p in points if p['group'] == group]
         ax.errorbar([p['images_per_s'] for p in members], [p['fid'] for p in members],
                     yerr=[p.get('fid_se') or 0 for p in members], fmt=MARKERS[i % len(MARKERS)], capsize=3,
                     label=group)
-        for p in members:
-            ax.annotate(p['label'], (p['images_per_s'], p['fid']), textcoords='offset points', xytext=(4, 4),
-                        fontsize=7)
+    # Labels staggered above and below their points in order of speed, with a leader line, so that neighbours
+    # with similar FIDs do not print over each other.
+    for i, p in enumerate(sorted(points, key=lambda p: p['images_per_s'])):
+        ax.annotate(p['label'], (p['images_per_s'], p['fid']), textcoords='offset points',
+                    xytext=LABEL_OFFSETS[i % len(LABEL_OFFSETS)], fontsize=7, ha='center',
+                    arrowprops={'arrowstyle': '-', 'color': 'grey', 'lw': 0.5})
     for (label, fid, se), style in zip(bands, BAND_STYLES):
         ax.axhspan(fid - se, fid + se, color='grey', alpha=0.25)
         ax.axhline(fid, color='grey', lw=1, ls=style, label=label)
     ax.set(xlabel='images/s (sampling, CPU)', ylabel='FID (± bootstrap standard error)', title=title)
-    ax.legend(fontsize=8)
+    ax.margins(y=0.12)   # room for the outermost labels
+    ax.legend(fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1))   # outside: the labels fill the axes
     fig.tight_layout()
     with atomic_write(png) as f:
         fig.savefig(f, format='png', dpi=120)
