@@ -1,6 +1,6 @@
 """The CPU demo, end to end on real data: Fashion-MNIST -> tokenizer -> VIAR -> samples -> FID / sFID / P / R.
 
-    bash scripts/demo.sh            # full demo (about 15 minutes on 2 CPU cores)
+    bash scripts/demo.sh            # full demo (about 12 minutes on 2 CPU cores)
     bash scripts/demo.sh --quick    # smoke run with tiny sizes (under 2 minutes)
 
 Every stage calls the project's own command-line tools (train_tokenizer.py, train.py, gen_img.py, sampling.py,
@@ -65,12 +65,14 @@ class DemoPlan:
     top_p: float = 0.0
     precision: str = 'bf16'      # training autocast (train.py / train_tokenizer.py --precision)
     resamples: int = 100         # bootstrap resamples behind every standard error
+    inception_precision: str = 'bf16'  # evaluator.py --inception-precision of every scored set (bf16: ~2.7x faster
+                                       # on a CPU; FIDs 1-2 % off fp32's, so compare rows only with each other)
     tokenizer_preset: str = 'vae-demo-fmnist32'
     model_preset: str = 'viar-demo'
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=2, model_epochs=2,
+FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=4, model_epochs=3,
                 batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=20)
 QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
                  batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
@@ -210,9 +212,10 @@ def reconstructions_npz(source: Path, vae_ckpt: Path, out: Path) -> Path:
     return path
 
 
-def score_sets(reference: Path, sets: Dict[str, Path], resamples: int) -> Dict[str, dict]:
-    """evaluation.evaluate of every set against the reference, with bootstrap standard errors and the set size."""
-    network = load_inception(None, 'cpu')
+def score_sets(reference: Path, sets: Dict[str, Path], resamples: int, precision: str) -> Dict[str, dict]:
+    """evaluation.evaluate of every set against the reference, with bootstrap standard errors and the set size,
+    Inception run in `precision`."""
+    network = load_inception(None, 'cpu', precision=precision)
     results = {}
     for name, npz in sets.items():
         results[name] = evaluate(reference, npz, network=network, fid_method='eigh', resamples=resamples)
@@ -286,7 +289,7 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
              f'`{plan.schedules[0]}`, cfg {plan.cfg}.', '',
              '## Metrics', '',
              f'Every row is scored against the same {n_ref} validation images (ADM protocol, offline Inception '
-             'weights, Fréchet distances through `--fid-method eigh`). The floor row scores as many real training '
+             f'weights run in {plan.inception_precision}, Fréchet distances through `--fid-method eigh`). The floor row scores as many real training '
              'images: no model can beat it at this N, since FID carries an estimation bias that shrinks only with N. '
              'The reconstruction row passes those same training images through the tokenizer, which every sample '
              f'also passes through. ± is the bootstrap standard error over {plan.resamples} resamples of each set '
@@ -348,7 +351,7 @@ def main(args):
     floor = floor_npz(root, out, plan.floor_per_class)
     metrics = stages.run('evaluate FID / sFID / precision / recall', lambda: score_sets(
         reference_npz(root, out), {FLOOR_ROW: floor, RECONSTRUCTION_ROW: reconstructions_npz(floor, vae_ckpt, out),
-                                   **npzs}, plan.resamples))
+                                   **npzs}, plan.resamples, plan.inception_precision))
     speed = stages.run('measure sampling speed per schedule',
                        lambda: {s: measure_speed(ckpt, vae_ckpt, s, plan.cfg, n=10 if args.quick else 50)
                                 for s in plan.schedules})
