@@ -21,7 +21,8 @@ from bench.efficiency import machine, machine_line
 from bench.measure import interleaved_timings, matmul_flops, matmul_task
 from evaluation.batches import open_batch
 from evaluation.evaluate import evaluate
-from evaluation.inception_weights import PRECISIONS, load_inception
+from evaluation.inception_weights import PRECISIONS, InceptionFeatures, load_inception
+from pipelines import demo
 from utils.cli import ArgumentParser, UserError, int_range, main_entry
 from utils.fileio import write_json_atomic, write_text_atomic
 
@@ -40,17 +41,17 @@ def parse_set(text: str) -> Tuple[str, Path]:
 
 
 def demo_sets() -> List[Tuple[str, Path]]:
-    """The demo's floor, reconstructions and every sample set it scored."""
-    samples = sorted((DEMO / 'samples').glob('*.npz'))
-    return list(DEMO_SETS) + [(f'VIAR `{p.stem.replace("_", ":", 1)}`', p) for p in samples]
+    """The demo's floor, reconstructions and the sample set of every schedule it scores."""
+    return list(DEMO_SETS) + [(f'VIAR `{s}`', DEMO / 'samples' / f'{demo.sample_name(s)}.npz')
+                              for s in demo.FULL.schedules]
 
 
-def speed(reference: Path, batch_size: int, batches: int) -> Dict[str, float]:
+def speed(networks: Dict[str, InceptionFeatures], reference: Path, batch_size: int,
+          batches: int) -> Dict[str, float]:
     """Images/s of each precision and the fp32 matmul peak (GFLOP/s), timed in one round robin."""
     images = next(open_batch(reference).images.batches(batch_size))
     tasks = {PEAK: matmul_task(torch.float32, torch.device('cpu'))}
-    for precision in PRECISIONS:
-        network = load_inception(None, 'cpu', precision=precision)
+    for precision, network in networks.items():
         tasks[precision] = lambda n=network: n.features(images)
     times = interleaved_timings(tasks, batches, 1, torch.device('cpu'))
     out = {p: len(images) / min(times[p]) for p in PRECISIONS}
@@ -58,11 +59,11 @@ def speed(reference: Path, batch_size: int, batches: int) -> Dict[str, float]:
     return out
 
 
-def score(reference: Path, sets: List[Tuple[str, Path]], resamples: int) -> Dict[str, Dict[str, dict]]:
+def score(networks: Dict[str, InceptionFeatures], reference: Path, sets: List[Tuple[str, Path]],
+          resamples: int) -> Dict[str, Dict[str, dict]]:
     """{precision: {set name: evaluate(...) with standard errors and 'n'}}."""
     results = {}
-    for precision in PRECISIONS:
-        network = load_inception(None, 'cpu', precision=precision)
+    for precision, network in networks.items():
         results[precision] = {}
         for name, path in sets:
             r = evaluate(reference, path, network=network, fid_method='eigh', resamples=resamples, progress=False)
@@ -124,8 +125,9 @@ def main(args):
                                                                   if not args.sets else ''))
     if args.floor not in dict(sets):
         raise UserError(f'--floor {args.floor!r}: not among the sets ({", ".join(dict(sets))})')
-    results = score(Path(args.reference), sets, args.resamples)
-    rates = speed(Path(args.reference), args.speed_batch, args.speed_batches)
+    networks = {p: load_inception(None, 'cpu', precision=p) for p in PRECISIONS}
+    results = score(networks, Path(args.reference), sets, args.resamples)
+    rates = speed(networks, Path(args.reference), args.speed_batch, args.speed_batches)
     meta = {'command': shlex.join(['python', '-m', 'bench.inception_precision', *sys.argv[1:]]), 'machine': machine(),
             'reference': args.reference, 'reference_images': len(open_batch(args.reference).images),
             'floor': args.floor, 'resamples': args.resamples, 'speed_batch': args.speed_batch,

@@ -51,8 +51,8 @@ def get_parser() -> ArgumentParser:
                              'CPU); eager: the plain architecture; torchscript: the offline file\'s own module. '
                              'Features agree within 1e-5 relative, so all share the activation cache')
     parser.add_argument('--inception-precision', choices=PRECISIONS, default=DEFAULT_PRECISION,
-                        help="fp32: ADM's arithmetic; bf16: autocast, about 2.7x faster on a CPU with AMX, but FIDs "
-                             'move by 1-2 %%, so compare its numbers only with other bf16 numbers (it has its own '
+                        help="fp32: ADM's arithmetic; bf16: autocast, about 2x faster on a CPU with AMX, but FIDs "
+                             'move by 1-3 %%, so compare its numbers only with other bf16 numbers (it has its own '
                              'cache)')
     parser.add_argument('--cache', action=argparse.BooleanOptionalAction, default=True,
                         help='reuse/write activations beside each image batch (<batch>.<weights>.stats.npz)')

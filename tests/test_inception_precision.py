@@ -25,7 +25,7 @@ def test_report_puts_the_shift_against_the_standard_error():
     assert 'bf16 35.0 images/s (2.50x)' in report and 'Largest relative FID shift: 2.0%' in report
 
 
-def test_bad_inputs_name_the_flag(tmp_path):
+def test_bad_inputs_name_the_flag(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='NAME=PATH'):
         bench.parse_set('samples.npz')
     with pytest.raises(UserError, match='--reference: .*absent.npz does not exist'):
@@ -36,3 +36,8 @@ def test_bad_inputs_name_the_flag(tmp_path):
     with pytest.raises(UserError, match="--floor 'real"):
         bench.main(bench.get_parser().parse_args(['--reference', str(tmp_path / 'ref.npz'),
                                                   f'x={tmp_path / "x.npz"}']))
+    # Without sets it scores the demo's, and says how to make them when they are absent.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match='run `bash scripts/demo.sh` first'):
+        bench.main(bench.get_parser().parse_args([]))
+    assert bench.demo_sets()[-1] == ('VIAR `const:3`', bench.DEMO / 'samples' / 'const_3.npz')
