@@ -52,9 +52,8 @@ def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, fla
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {'time': time.time()})
     started = json.loads(marker.read_text())['time']
-    demo.call_cli(train_tokenizer_cli, demo.common_train_args(root, plan, seed, quick) + [
-        '--ep', str(epochs), '--tblr', str(plan.tokenizer_lr), '--l1_weight', '1.0', '--restart_every', '50',
-        '--keep_last', str(epochs), '--out_dir', str(out), *flags], 'tokenizer training')
+    demo.call_cli(train_tokenizer_cli, demo.common_train_args(root, plan, seed, quick) + demo.tokenizer_recipe_args(
+        plan) + ['--ep', str(epochs), '--keep_last', str(epochs), '--out_dir', str(out), *flags], 'tokenizer training')
     ckpts = sorted(out.glob('vae-ckpt-0*.pth'))
     return [(i + 1, ckpt.stat().st_mtime - started, ckpt) for i, ckpt in enumerate(ckpts)]
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo end to end: set up .venv, fetch Fashion-MNIST (Debian package) if missing, then run demo.py.
-#   bash scripts/demo.sh            # full run, about 12 minutes on 2 CPU cores -> local_output/demo/report.md
+#   bash scripts/demo.sh            # full run, about 13 minutes on 2 CPU cores -> local_output/demo/report.md
 #   bash scripts/demo.sh --quick    # every stage with tiny sizes, under 2 minutes
 # Safe to re-run: finished stages are reused.
 set -euo pipefail

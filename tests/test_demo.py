@@ -43,3 +43,17 @@ def test_quick_demo_end_to_end(tmp_path, monkeypatch):
     # Re-running reuses every finished stage and rewrites the same report sections.
     assert run(demo.main, demo.get_parser(), argv) == 0
     assert json.loads((out / 'metrics.json').read_text())['metrics'] == results['metrics']
+
+
+def test_demo_trains_on_the_images_as_they_are(tmp_path):
+    """The reference set is unzoomed, so the demo's models must train on unzoomed images: --mid_reso 1 from the plan,
+    and at 1 the training transform (random crop included) returns every pixel unchanged."""
+    from training.data import build_transform
+    for plan in (demo.FULL, demo.QUICK):
+        args = demo.common_train_args(tmp_path, plan, 0, quick=False)
+        assert float(args[args.index('--mid_reso') + 1]) == plan.mid_reso == 1.0
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = build_transform(32, train=True, mid_reso=1.0)(Image.fromarray(pixels))
+    assert np.array_equal(((x + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), pixels)
+    zoomed = build_transform(32, train=True, mid_reso=1.125)(Image.fromarray(pixels))
+    assert not np.array_equal(((zoomed + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), pixels)
