@@ -1,16 +1,16 @@
 """What each change of the demo's training recipe buys, one change at a time, on the demo's data.
 
-    python -m bench.demo_recipe            # about 20 minutes on 2 CPU cores -> bench/results/demo_recipe.md
+    python -m bench.demo_recipe            # about 18 minutes on 2 CPU cores -> bench/results/demo_recipe.md
 
 Rows scored against the demo's reference (100 validation images per class), beside the floor (as many real training
 images):
 - the floor images zoomed as the official transform does (resize to 1.125x, centre crop): what training on zoomed
   images costs before any model is involved;
 - the tokenizer trained for a short run (TOKENIZER_EPOCHS) with the official zoom and train_tokenizer.py's default
-  betas (the old recipe), then unzoomed, then unzoomed with the demo's betas (the demo's recipe): reconstructions of
-  the floor images;
-- VIAR's validation loss after MODEL_EPOCHS epochs at the old and the demo's learning rate, on the tokens of the
-  demo-recipe tokenizer.
+  betas (the old recipe), then unzoomed, then with the demo's betas too, then with the demo's PatchGAN tail too (the
+  demo's recipe): reconstructions of the floor images;
+- VIAR's validation loss after MODEL_EPOCHS epochs at the old and the demo's learning rate, on the tokens of one of
+  those tokenizers (MODEL_TOKENIZER_ROW).
 Outputs in local_output/demo_recipe.
 """
 import sys
@@ -36,6 +36,7 @@ from utils.images import write_npz_stream
 RESULTS = Path(__file__).resolve().parent / 'results'
 OFFICIAL_ZOOM, OFFICIAL_BETAS, OLD_MODEL_LR = 1.125, (0.5, 0.9), 0.01
 TOKENIZER_EPOCHS, MODEL_EPOCHS = 2, 2
+MODEL_TOKENIZER_ROW = 2  # the tokenizer row whose tokens the two VIAR runs train on (unzoomed, the demo's betas)
 ZOOMED_ROW = 'real training images zoomed 1.125x (the official transform)'
 
 
@@ -45,11 +46,13 @@ def get_parser() -> ArgumentParser:
 
 def tokenizer_variants(plan: demo.DemoPlan) -> Dict[str, demo.DemoPlan]:
     """Label -> plan of each tokenizer row: the old recipe, then one change at a time up to the demo's."""
-    old = replace(plan, mid_reso=OFFICIAL_ZOOM, tokenizer_betas=OFFICIAL_BETAS)
+    old = replace(plan, mid_reso=OFFICIAL_ZOOM, tokenizer_betas=OFFICIAL_BETAS, gan_weight=0.0)
     old_betas, betas = (f'betas {b[0]}/{b[1]}' for b in (OFFICIAL_BETAS, plan.tokenizer_betas))
+    gan = f'PatchGAN x {plan.gan_weight} from {plan.gan_from:.0%} of the iterations'
     return {f'tokenizer, zoomed 1.125x, {old_betas} (old recipe)': old,
             f'tokenizer, unzoomed, {old_betas}': replace(old, mid_reso=plan.mid_reso),
-            f"tokenizer, unzoomed, {betas} (the demo's recipe)": plan}
+            f'tokenizer, unzoomed, {betas}': replace(plan, gan_weight=0.0),
+            f"tokenizer, unzoomed, {betas}, {gan} (the demo's recipe)": plan}
 
 
 def zoomed_npz(files: List[Path], path: Path) -> Path:
@@ -88,19 +91,21 @@ def main(args):
     reference, floor = demo.reference_npz(root, out), demo.floor_npz(root, out, plan.floor_per_class)
     sets = {demo.FLOOR_ROW: floor,
             ZOOMED_ROW: zoomed_npz(demo.first_per_class(root / 'train', plan.floor_per_class), out / 'zoomed.npz')}
-    extra, ckpt = {}, None
+    extra, ckpts = {}, []
     for i, (label, variant) in enumerate(tokenizer_variants(plan).items()):
         ckpt, seconds = train_tokenizer(root, out / f'tokenizer{i}', variant, args.seed, args.quick)
-        sets[label] = demo.reconstructions_npz(floor, ckpt, out / f'tokenizer{i}')
+        sets[label], ckpts = demo.reconstructions_npz(floor, ckpt, out / f'tokenizer{i}'), ckpts + [(label, ckpt)]
         extra[label] = {'epochs': str(variant.tokenizer_epochs), 'training (s)': f'{seconds:.0f}'}
     metrics = demo.score_sets(reference, sets, plan.resamples, plan.inception_precision)
-    losses = {lr: model_losses(root, out / f'viar_lr{lr}', ckpt, plan, lr, args.seed, args.quick)
+    tokens_of, vae_ckpt = ckpts[MODEL_TOKENIZER_ROW]
+    losses = {lr: model_losses(root, out / f'viar_lr{lr}', vae_ckpt, plan, lr, args.seed, args.quick)
               for lr in (OLD_MODEL_LR, plan.model_lr)}
 
     meta = {'command': ' '.join(['python -m bench.demo_recipe', *sys.argv[1:]]), 'machine': machine(),
             'plan': demo.asdict(plan), 'total_seconds': time.time() - started}
     lines = ['# The demo\'s training recipe, one change at a time (Fashion-MNIST 32x32)', '',
-             f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min)  ",
+             f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min in this invocation, which reuses "
+             'finished training runs in its --out; the training column gives each run\'s first time)  ',
              f"Machine: {machine_line(meta['machine'])}", '',
              f'Every row against the demo\'s {plan.val_per_class * 10} validation images (Inception in '
              f'{plan.inception_precision}); ± is the bootstrap standard error over {plan.resamples} resamples. The '
@@ -109,7 +114,7 @@ def main(args):
              'and the AdamW betas shown; the official transform resizes each training image to 1.125x its size and '
              'crops it back, which zooms it in by 12.5 % against unzoomed reference images.', '',
              *quality_table(metrics, demo.FLOOR_ROW, extra, ('epochs', 'training (s)')), '',
-             f'VIAR (`{plan.model_preset}`, batch {plan.batch_size}, bf16) on the tokens of the last tokenizer row, '
+             f'VIAR (`{plan.model_preset}`, batch {plan.batch_size}, bf16) on the tokens of the row "{tokens_of}", '
              f'validation loss (val/L_mean) after each of {plan.model_epochs} epoch(s):', '',
              '| base lr | validation loss |', '|---|---|',
              *[f'| {lr} | {" → ".join(f"{v:.3f}" for v in vals)} |' for lr, vals in losses.items()], '']
