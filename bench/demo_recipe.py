@@ -94,7 +94,8 @@ def main(args):
     extra, ckpts = {}, []
     for i, (label, variant) in enumerate(tokenizer_variants(plan).items()):
         ckpt, seconds = train_tokenizer(root, out / f'tokenizer{i}', variant, args.seed, args.quick)
-        sets[label], ckpts = demo.reconstructions_npz(floor, ckpt, out / f'tokenizer{i}'), ckpts + [(label, ckpt)]
+        sets[label] = demo.reconstructions_npz(floor, ckpt, out / f'tokenizer{i}')
+        ckpts.append((label, ckpt))
         extra[label] = {'epochs': str(variant.tokenizer_epochs), 'training (s)': f'{seconds:.0f}'}
     metrics = demo.score_sets(reference, sets, plan.resamples, plan.inception_precision)
     tokens_of, vae_ckpt = ckpts[MODEL_TOKENIZER_ROW]

@@ -10,6 +10,7 @@ itself (the same real images, unreconstructed). Outputs in local_output/tokenize
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Tuple
 
@@ -52,6 +53,7 @@ def train_with_epoch_checkpoints(root: Path, out: Path, plan: demo.DemoPlan, fla
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(marker, {'time': time.time()})
     started = json.loads(marker.read_text())['time']
+    plan = replace(plan, tokenizer_epochs=epochs)  # the recipe's PatchGAN onset is a fraction of these epochs
     demo.call_cli(train_tokenizer_cli, demo.common_train_args(root, plan, seed, quick) + demo.tokenizer_recipe_args(
         plan) + ['--ep', str(epochs), '--keep_last', str(epochs), '--out_dir', str(out), *flags], 'tokenizer training')
     ckpts = sorted(out.glob('vae-ckpt-0*.pth'))
