@@ -78,14 +78,11 @@ class ReproPlan:
                 '--phase2_epochs', str(phase2), '--sche', 'const', '--tlr', str(SUPERNET_LR))
 
 
-# The recipe of the committed run (bench/results/reproduction.md): training images zoomed by the official 1.125, the
-# tokenizer with AdamW betas 0.5/0.9 and no PatchGAN, base lr 0.01 for both transformers. The demo has since moved to
-# unzoomed images, betas 0.9/0.99, a PatchGAN tail and lr 0.02 (pipelines/demo.py); this plan keeps the measured recipe
-# until it is rerun with them.
+# The demo's recipe (pipelines/demo.py: unzoomed images, tokenizer betas 0.9/0.99 with a PatchGAN tail, base lr 0.02)
+# on 10,000 training images, with 6 tokenizer epochs and 6 epochs for each transformer.
 FULL = ReproPlan(
     demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, tokenizer_epochs=6,
-                 model_epochs=5, resamples=20, schedules=('const:5',), mid_reso=1.125, tokenizer_betas=(0.5, 0.9),
-                 model_lr=0.01, gan_weight=0.0),
+                 model_epochs=6, resamples=20, schedules=('const:5',)),
     test_per_class=None, curve_per_class=50, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
     curve_schedules=('const:1', 'const:2', 'const:3', 'const:5', 'const:10', 'linear:5,2', 'adaptive:0.01,10',
                      'budget:18,6'),
