@@ -311,6 +311,8 @@ CASES = [
     ('resume a VIAR run with explicit-VAR flags', T, lambda p, o: train_args(p, o, '--no-use_implicit'),
      'was trained with use_implicit=True (flags: False)'),
     ('resume with another depth', T, lambda p, o: train_args(p, o, '--depth', '3'), 'was trained with depth=2'),
+    ('resume with another learning rate', T, lambda p, o: train_args(p, o, '--tblr', '0.5'),
+     '(now 0.5); pass the same flags, --resume'),
     # checkpoints whose weights are not finite: a silent black sample set, or a failure deep inside sampling
     ('NaN in the tokenizer', S, lambda p, o: sampling_args(p, o, vae=p.root / 'nan_vae.pth'),
      'nan_vae.pth: weights are not finite: NaN/Inf in decoder.conv_in.weight', REAL),

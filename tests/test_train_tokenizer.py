@@ -1,11 +1,13 @@
 """train_tokenizer.py on tiny data: reconstruction improves and codes stay in use, 2 ranks with GAN + perceptual
-terms and dead-code restarts stay identical, exact resume, the released format, and missing perceptual weights."""
+terms and dead-code restarts stay identical, exact resume (and a refused one with another recipe), the released
+format, and missing perceptual weights."""
 import pytest
 import torch
 
 from models.lpips import LPIPS
 from tests.train_helpers import TINY_PATCH_NUMS, load_weights, make_image_folder, read_log, run_cli
 from training import train_cli, train_tokenizer_cli
+from training.checkpoints import RESUMABLE_FLAGS, recipe_changes
 from utils.cli import run
 from utils.model_checkpoints import load_vae
 
@@ -90,3 +92,40 @@ def test_missing_perceptual_weights_is_one_line(images, tmp_path, capsys):
     assert run(train_tokenizer_cli.main, train_tokenizer_cli.get_parser(),
                _args(images, tmp_path, '--init_from', 'x.pth', '--max_steps', '1')) == 2
     assert '--init_from fixes the architecture' in capsys.readouterr().err
+
+
+def test_resume_refuses_another_recipe(images, tmp_path, capsys):
+    """A reused output folder continues only the run that was started there: another --l1_weight or GAN onset stops
+    it with the changed flags named (a finished run would otherwise be returned as if trained with them); flags of
+    the run's extent and logging may change; --resume PATH continues on purpose."""
+    parser, out = train_tokenizer_cli.get_parser(), tmp_path / 'out'
+    base = _args(images, out, *GAN, '--ep', '2', '--max_steps', '2', '--l1_weight', '1')
+    assert run(train_tokenizer_cli.main, parser, base) == 0
+    before = (out / 'vae-ckpt-last.pth').read_bytes()
+    for changed, shown in ((['--l1_weight', '0.5'], '--l1_weight 1.0 (now 0.5)'),
+                           (['--disc_start', '3'], '--disc_start 2 (now 3)'),
+                           (['--betas', '0.9', '0.99'], '--betas 0.5 0.9 (now 0.9 0.99)')):
+        assert run(train_tokenizer_cli.main, parser, [*base, *changed]) == 2
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and shown in err and 'another --out_dir' in err, err
+        assert (out / 'vae-ckpt-last.pth').read_bytes() == before
+    extent = ['--max_steps', '3', '--log_freq', '7', '--keep_last', '3']  # flags a resume may change
+    assert run(train_tokenizer_cli.main, parser, [*base, *extent]) == 0
+    assert torch.load(out / 'vae-ckpt-last.pth', weights_only=True)['it'] == 3
+    capsys.readouterr()
+    assert run(train_tokenizer_cli.main, parser, [*base, '--max_steps', '4', '--l1_weight', '0.5',
+                                                  '--resume', str(out / 'vae-ckpt-last.pth')]) == 0
+    captured = capsys.readouterr()
+    assert '--l1_weight 1.0 (now 0.5): continuing it with the new values' in captured.out + captured.err
+    assert torch.load(out / 'vae-ckpt-last.pth', weights_only=True)['it'] == 4
+
+
+def test_resumable_flags_exist():
+    """Every flag a resume may change is a flag of train.py or train_tokenizer.py (a misspelt entry would let its
+    flag change silently... or, here, make a real flag count as recipe)."""
+    dests = set()
+    for cli in (train_cli, train_tokenizer_cli):
+        dests |= {a.dest for a in cli.get_parser()._actions}
+    assert RESUMABLE_FLAGS <= dests, RESUMABLE_FLAGS - dests
+    assert recipe_changes({'base_lr': 0.01, 'betas': (0.9, 0.99), 'epochs': 2}, {
+        'base_lr': 0.02, 'betas': [0.9, 0.99], 'epochs': 4, 'new_flag': 1}) == ['--base_lr 0.01 (now 0.02)']

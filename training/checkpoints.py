@@ -115,10 +115,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan) -> Tuple[int, float, Optional[list]]:
+def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan,
+                    args: Optional[Dict[str, Any]] = None) -> Tuple[int, float, Optional[list]]:
     """(iteration, best score, per-rank RNG states) to continue from; (0, inf, None) for a fresh run.
 
-    With --resume auto, the newest checkpoint that loads: a truncated or corrupt one is reported and skipped."""
+    With --resume auto, the newest checkpoint that loads: a truncated or corrupt one is reported and skipped. `args`
+    (the run's flags) are checked against the ones the checkpoint was trained with (`check_resume_recipe`)."""
     candidates = files.resume_candidates(resume)
     for path in candidates:
         try:
@@ -130,7 +132,9 @@ def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan)
             continue
         check_training_checkpoint(ckpt, path, trainer.ckpt_kind)
         check_resume_batch(ckpt, plan, path)
-        trainer.load_checkpoint(ckpt, path)
+        trainer.load_checkpoint(ckpt, path)  # first: it names a changed architecture in the model's terms
+        if args is not None:
+            check_resume_recipe(ckpt, args, path, explicit=resume != RESUME_AUTO)
         if ckpt['iters_per_epoch'] != plan.iters_per_epoch:
             log.warning('%s was written with %d it/epoch, now %d (the data changed): the data order differs', path,
                         ckpt['iters_per_epoch'], plan.iters_per_epoch)
@@ -177,6 +181,43 @@ def check_training_checkpoint(ckpt: Any, path: Path, kind: str):
         wrong.append(f'it {ckpt["it"]} and epoch_it {ckpt["epoch_it"]} do not fit')
     if wrong:
         raise UserError(f'{path}: malformed training checkpoint ({"; ".join(wrong)}); {fresh}')
+
+
+# Flags that may change when a run resumes: where files live, how long the run goes on, how it logs, saves and
+# runs. Every other flag shapes what is trained (recipe, data transform, seed, precision, S-JFB ranges, ...).
+RESUMABLE_FLAGS = frozenset({
+    'out_dir', 'resume', 'epochs', 'max_steps', 'save_freq', 'save_steps', 'keep_last', 'log_freq', 'progress',
+    'max_nonfinite', 'workers', 'device', 'dist_timeout', 'debug', 'exp_name', 'skip_bad_images', 'tf32', 'compile',
+    'tfast', 'vfast', 'afuse', 'fuse', 'data_path', 'vae_ckpt', 'token_cache', 'init_from', 'lpips_weights',
+    'lpips_heads', 'preset', 'batch_size', 'accum'})  # the preset's values and the batch are checked one by one
+
+
+def recipe_changes(saved: Dict[str, Any], args: Dict[str, Any]) -> List[str]:
+    """'--flag OLD (now NEW)' for every flag outside RESUMABLE_FLAGS whose value differs from the saved run's.
+    Flags the saved run did not know (added since) are not compared."""
+    def as_typed(value):  # a flag's value as the command line spells it: nargs flags space-separated
+        return ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    def same(a, b):
+        return (list(a) == list(b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+    return [f'--{k} {as_typed(saved[k])} (now {as_typed(v)})' for k, v in sorted(args.items())
+            if k not in RESUMABLE_FLAGS and k in saved and not same(saved[k], v)]
+
+
+def check_resume_recipe(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path, explicit: bool):
+    """A run that continues must be the run that was started: with --resume auto, a checkpoint trained with other
+    recipe flags (say a plan that changed --tblr while its output folder was reused) stops the run instead of being
+    silently continued or, when it had finished, returned as if trained with the new flags. Naming the checkpoint
+    with --resume PATH continues it on purpose, with a warning."""
+    changes = recipe_changes(ckpt.get('args') or {}, args)
+    if not changes:
+        return
+    listed = ', '.join(changes)
+    if explicit:
+        log.warning('%s was trained with %s: continuing it with the new values, as --resume names it', path, listed)
+        return
+    raise UserError(f'{path} was trained with {listed}; pass the same flags, --resume {path} to continue it with the '
+                    f'new ones, or another --out_dir (or --resume none) to start fresh')
 
 
 def check_resume_batch(ckpt: Dict[str, Any], plan, path: Path):
