@@ -1,31 +1,31 @@
 """Reproduction in miniature (VIAR paper Tables 1-3 and Fig. 3, plus a VARiant supernet) on Fashion-MNIST 32x32.
 
-    python -m bench.reproduction                # estimated 91 min on 2 idle CPU cores -> bench/results/
+    python -m bench.reproduction                # estimated 98 min on 2 idle CPU cores (measured: 88) -> bench/results/
     python -m bench.reproduction --estimate     # print the plan's estimated wall time by stage, run nothing
     python -m bench.reproduction --quick        # smoke run of every stage (minutes) -> local_output/reproduction-quick
 
 A VAR (var-demo) and a VIAR with 39 % of its parameters (viar-demo, S-JFB over 0-6 detached and 1-4 recorded
-iterations) trained with the same budget on 10,000 training images (5 epochs, batch 32, bf16) from a tokenizer trained
-for 6 epochs (or --vae_ckpt), with the demo's earlier recipe (pipelines/reproduction.py: zoomed images); the VAR fine-tuned one epoch into a VARiant supernet (a 3-layer
-subnet after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their tokenizer
-reconstructions; VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full depth and at
-the subnet) scores 5,000 images against all 10,000 test images with bootstrap standard errors. The quality-vs-compute
-curve puts VIAR at const:1 ... const:10, linear, adaptive and budget schedules, the lean KV policy, the VAR and the
-VARiant rows on one plot of FID against images/s, each at 500 images. Estimated wall time of the default plan by stage
-(`--estimate`):
+iterations) trained with the same budget on 10,000 training images (6 epochs, batch 32, bf16) from a tokenizer trained
+for 6 epochs (or --vae_ckpt), with the demo's recipe (pipelines/demo.py); the VAR fine-tuned one epoch into a VARiant
+supernet (a 3-layer subnet after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their
+tokenizer reconstructions; VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full
+depth and at the subnet) scores 5,000 images against all 10,000 test images with bootstrap standard errors. The
+quality-vs-compute curve puts VIAR at const:1 ... const:10, linear, adaptive and budget schedules, the lean KV policy,
+the VAR and the VARiant rows on one plot of FID against images/s, each at 500 images. Estimated wall time of the
+default plan by stage (`--estimate`):
 
     prepare Fashion-MNIST                0.4 min
-    train the tokenizer                 10.0 min
-    train VAR                           14.4 min
-    train VIAR                          10.7 min
-    train VARiant supernet               2.3 min
+    train the tokenizer                 12.0 min
+    train VAR                           19.6 min
+    train VIAR                          11.4 min
+    train VARiant supernet               1.9 min
     reference activations                6.2 min
     sample the main rows                 7.6 min
     score the main rows                 27.9 min
     sample the curve                     1.2 min
     score the curve                      9.0 min
     speed, FLOPs, convergence trace      1.0 min
-    total                               90.6 min
+    total                               98.2 min
 
 Inception (bf16, ~27 images/s; the rows are comparable with each other, not with fp32 FIDs) takes the largest share:
 10,000 reference images once (cached beside the prepared data, so a rerun skips them) and 7 x 5,000 main-row images.

@@ -29,11 +29,11 @@ NUM_CLASSES = len(CLASS_NAMES)
 FLOOR, RECONSTRUCTION = demo.FLOOR_ROW, demo.RECONSTRUCTION_ROW
 PRESETS = {'var': 'var-demo', 'viar': 'viar-demo'}  # viar-demo has 39 % of var-demo's parameters (models/var.py)
 TRAINED = {'var': 'VAR', 'viar': 'VIAR', 'supernet': 'VARiant supernet'}
-# Rates on the 2-core machine behind `estimate` (images per second unless noted): PNG writing, tokenizer training,
-# VAR / VIAR (at FULL's S-JFB ranges) / supernet training, sampling with PNG and .npz writing, Inception in fp32
-# and in bf16. The three transformer rates were measured (43, 58, 54) before training took the explicit attention
-# path (models.blocks.attention) and are scaled by 1.35, below its measured 1.37-1.53x step speed-up on these models.
-RATES = {'png': 800, 'tokenizer': 100, 'var': 58, 'viar': 78, 'supernet': 73, 'sampling': 55, 'inception-fp32': 12,
+# Rates on the 2-core machine behind `estimate` (images per second unless noted): PNG writing, tokenizer training
+# (its PatchGAN tail included), VAR / VIAR (at FULL's S-JFB ranges) / supernet training, sampling with PNG and .npz
+# writing, Inception in fp32 and in bf16. The training rates are those of the committed run
+# (bench/results/reproduction.md).
+RATES = {'png': 800, 'tokenizer': 83, 'var': 51, 'viar': 88, 'supernet': 88, 'sampling': 55, 'inception-fp32': 12,
          'inception-bf16': 27}
 BOOTSTRAP_S = {'large': 1.0, 'small': 0.3}  # one Fréchet resample (FID or sFID) at N > 2048 / N <= 2048 images
 POOL_DIM = 2048
