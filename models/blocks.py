@@ -1,5 +1,6 @@
 """Transformer blocks of VAR/VIAR: AdaLN self-attention blocks and the head's AdaLN."""
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -47,10 +48,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     train 20-30 % faster on a CPU with it. Forward passes without gradients (sampling, S-JFB's detached iterations)
     and every CUDA call keep the fused kernels.
     """
-    if q.device.type == 'cpu' and q.requires_grad and torch.is_grad_enabled():
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    explicit = q.device.type == 'cpu' and q.requires_grad and torch.is_grad_enabled()
+    with sdpa_kernel(SDPBackend.MATH) if explicit else nullcontext():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
 class SelfAttention(nn.Module):

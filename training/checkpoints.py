@@ -115,12 +115,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan,
-                    args: Optional[Dict[str, Any]] = None) -> Tuple[int, float, Optional[list]]:
+def resume_training(files: CheckpointFiles, args, trainer: Trainer, plan) -> Tuple[int, float, Optional[list]]:
     """(iteration, best score, per-rank RNG states) to continue from; (0, inf, None) for a fresh run.
 
-    With --resume auto, the newest checkpoint that loads: a truncated or corrupt one is reported and skipped. `args`
-    (the run's flags) are checked against the ones the checkpoint was trained with (`check_resume_recipe`)."""
+    With --resume auto, the newest checkpoint that loads: a truncated or corrupt one is reported and skipped. The run's
+    flags (`args`) must match the ones the checkpoint was trained with (`check_resume_recipe`)."""
+    resume = args.resume
     candidates = files.resume_candidates(resume)
     for path in candidates:
         try:
@@ -133,8 +133,7 @@ def resume_training(files: CheckpointFiles, resume: str, trainer: Trainer, plan,
         check_training_checkpoint(ckpt, path, trainer.ckpt_kind)
         check_resume_batch(ckpt, plan, path)
         trainer.load_checkpoint(ckpt, path)  # first: it names a changed architecture in the model's terms
-        if args is not None:
-            check_resume_recipe(ckpt, args, path, explicit=resume != RESUME_AUTO)
+        check_resume_recipe(ckpt, vars(args), path, explicit=resume != RESUME_AUTO)
         if ckpt['iters_per_epoch'] != plan.iters_per_epoch:
             log.warning('%s was written with %d it/epoch, now %d (the data changed): the data order differs', path,
                         ckpt['iters_per_epoch'], plan.iters_per_epoch)
@@ -198,10 +197,10 @@ def recipe_changes(saved: Dict[str, Any], args: Dict[str, Any]) -> List[str]:
     def as_typed(value):  # a flag's value as the command line spells it: nargs flags space-separated
         return ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-    def same(a, b):
-        return (list(a) == list(b)) if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) else a == b
+    def comparable(value):  # nargs flags are tuples as defaults, lists when given (and after a checkpoint round trip)
+        return list(value) if isinstance(value, tuple) else value
     return [f'--{k} {as_typed(saved[k])} (now {as_typed(v)})' for k, v in sorted(args.items())
-            if k not in RESUMABLE_FLAGS and k in saved and not same(saved[k], v)]
+            if k not in RESUMABLE_FLAGS and k in saved and comparable(saved[k]) != comparable(v)]
 
 
 def check_resume_recipe(ckpt: Dict[str, Any], args: Dict[str, Any], path: Path, explicit: bool):

@@ -231,7 +231,7 @@ def main(args):
     log.info('plan: %s', plan.describe(args))
 
     files = CheckpointFiles(out_dir, 'ar', keep_last=args.keep_last)
-    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan, vars(args))
+    start_it, best, rng_states = resume_training(files, args, trainer, plan)
     if start_it and args.init_from:
         log.info('--init_from only starts a run: continuing from the resumed checkpoint instead')
 

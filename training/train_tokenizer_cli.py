@@ -184,7 +184,7 @@ def main(args):
     log.info('plan: %s', plan.describe(args))
 
     files = CheckpointFiles(out_dir, 'vae', weights_prefix='vae', keep_last=args.keep_last)
-    start_it, best, rng_states = resume_training(files, args.resume, trainer, plan, vars(args))
+    start_it, best, rng_states = resume_training(files, args, trainer, plan)
     sampler, loader, val_loader = build_loaders(train_set, val_set, plan.local_batch, info.rank, info.world_size,
                                                 args.seed, plan.workers, pin_memory=info.device.type == 'cuda')
     tb_name = f'tb-VQVAE-v{config.vocab_size}z{config.z_channels}ch{config.ch}__b{args.batch_size}ep{args.epochs}'
