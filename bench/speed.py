@@ -32,6 +32,7 @@ from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
 from training.amp import AmpOptimizer
 from training.ar_trainer import token_losses
+from training.optim import adamw, param_groups
 from utils.cli import ArgumentParser, UserError, main_entry
 from utils.fileio import write_text_atomic
 
@@ -91,7 +92,7 @@ def training_workload(case: Case, device: torch.device, precision: str) -> Tuple
     """(one training step: forward, loss, backward, clip, AdamW, as train.py; its forward+backward FLOPs)."""
     _, var = build_case(case.label, case.shape, device)
     var.train().requires_grad_(True)
-    amp = AmpOptimizer(var, torch.optim.AdamW(var.parameters(), lr=LR), precision)
+    amp = AmpOptimizer(var, adamw(param_groups(var)[0], LR, (0.9, 0.95)), precision)
     gen = torch.Generator().manual_seed(0)
     label_B = torch.randint(var.num_classes, (case.batch,), generator=gen).to(device)
     x_BLCv = torch.randn(case.batch, var.L - var.first_l, var.Cvae, generator=gen).to(device)

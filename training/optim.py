@@ -26,6 +26,13 @@ def param_groups(model: torch.nn.Module) -> Tuple[List[Dict], Dict[str, int]]:
     return [g for g in groups if g['params']], counts
 
 
+def adamw(groups: List[Dict], peak_lr: float, betas, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over `groups` (weight decay comes from the schedule). `fused` runs one kernel over all parameters, on a
+    CPU as on CUDA; PyTorch's default on a CPU is a Python loop over the tensors, about 5x slower on the demo's
+    models (10 ms of a 250 ms step)."""
+    return torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(betas), weight_decay=0.0, fused=fused)
+
+
 def lr_factor(it: int, warmup_iters: int, max_iters: int, schedule: str = 'lin0', warmup_start: float = 0.005,
               final: float = 0.01) -> float:
     """Multiplier of the peak lr at iteration `it`: linear warmup from `warmup_start`, then `schedule` down to `final`

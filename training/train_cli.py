@@ -24,7 +24,7 @@ from training.data import build_datasets, build_loaders
 from training.dist import wrap_ddp
 from training.flags import add_data_flags, add_optim_flags, add_run_flags, derive_plan, patch_nums_arg
 from training.loop import TrainLoop, start_run
-from training.optim import Schedule, param_groups
+from training.optim import Schedule, adamw, param_groups
 from training.seeds import STREAM_INIT, STREAM_SJFB, mix_seed, restore_rng_states, seed_process
 from training.supernet import add_supernet_flags, supernet_from_args
 from training.token_cache import build_token_cache
@@ -200,8 +200,7 @@ def main(args):
         for block in var.trunk_blocks:
             block.compile()
     groups, counts = param_groups(var)
-    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0,
-                                  fused=info.device.type == 'cuda' and args.afuse)
+    optimizer = adamw(groups, plan.peak_lr, args.betas, fused=args.afuse)
     # A subnet step leaves layers outside the subnet unused only without a bridge: with one, they still run on the
     # bridge tokens. Unused parameters then keep no gradient (AdamW skips them), as in a single process.
     unused_params = supernet is not None and supernet.spec.bridge == 0

@@ -25,7 +25,7 @@ from training.data import build_datasets, build_loaders
 from training.dist import wrap_ddp
 from training.flags import add_data_flags, add_optim_flags, add_run_flags, derive_plan, patch_nums_arg
 from training.loop import TrainLoop, start_run
-from training.optim import Schedule, param_groups
+from training.optim import Schedule, adamw, param_groups
 from training.seeds import STREAM_INIT, mix_seed, restore_rng_states, seed_process
 from training.tokenizer_trainer import LossWeights, TokenizerTrainer, all_phis_used
 from utils.checkpoint import load_file, load_state_dict_strict, strip_wrapper_prefixes
@@ -154,8 +154,7 @@ def main(args):
     seed_process(args.seed, info.rank)
 
     groups, _ = param_groups(vae)
-    fused = info.device.type == 'cuda'
-    optimizer = torch.optim.AdamW(groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0, fused=fused)
+    optimizer = adamw(groups, plan.peak_lr, args.betas)
     model = wrap_ddp(vae, info, find_unused=not all_phis_used(vae.quantize))
     amp = AmpOptimizer(model, optimizer, plan.precision, args.grad_clip, args.accum)
     disc_model = disc_amp = None
@@ -163,8 +162,7 @@ def main(args):
         disc_groups, _ = param_groups(disc)
         for g in disc_groups:
             g['lr_sc'] = args.disc_lr_mult
-        disc_opt = torch.optim.AdamW(disc_groups, lr=plan.peak_lr, betas=tuple(args.betas), weight_decay=0.0,
-                                     fused=fused)
+        disc_opt = adamw(disc_groups, plan.peak_lr, args.betas)
         disc_model = wrap_ddp(disc, info)
         disc_amp = AmpOptimizer(disc_model, disc_opt, plan.precision, args.grad_clip, args.accum)
     schedule = Schedule(plan.peak_lr, plan.warmup_iters, plan.max_iters, args.schedule, args.warmup_start,

@@ -91,7 +91,7 @@ def add_official_train_flags(parser: argparse.ArgumentParser):
     g.add_argument('--vfast', type=int, default=0, choices=COMPILE_MODES,
                    help='official torch.compile of the tokenizer: no effect (the frozen tokenizer is not compiled)')
     g.add_argument('--opt', default='adamw', choices=('adamw',), help='optimizer (the official Lion is not offered)')
-    g.add_argument('--afuse', action=argparse.BooleanOptionalAction, default=True, help='fused AdamW on CUDA')
+    g.add_argument('--afuse', action=argparse.BooleanOptionalAction, default=True, help='fused AdamW (one kernel over all parameters, on CUDA and on a CPU)')
     g.add_argument('--fuse', action=argparse.BooleanOptionalAction, default=True,
                    help='official fused kernels (flash-attn, xformers): no effect, attention is always SDPA')
     g.add_argument('--patch_size', type=POSITIVE, default=None,
