@@ -1,11 +1,11 @@
 """Reconstruction quality of the demo tokenizer against its training time: why the demo's preset is what it is.
 
-    python -m bench.tokenizer_study            # about 35 minutes on 2 CPU cores -> bench/results/tokenizer_study.md
+    python -m bench.tokenizer_study            # about 22 minutes on 2 CPU cores -> bench/results/tokenizer_study.md
 
-Each configuration trains with the demo's recipe (bf16 autocast, L2 + L1, dead-code restarts) on the demo's training
-images, keeping the checkpoint of every epoch; the reconstructions of the demo's floor images (100 training images per
-class) by each checkpoint are scored against the demo's reference (100 validation images per class), beside the floor
-itself (the same real images, unreconstructed). Outputs in local_output/tokenizer_study.
+Each configuration trains with the demo's recipe (bf16 autocast, L2 + L1, dead-code restarts, the PatchGAN tail) on the
+demo's training images, keeping the checkpoint of every epoch; the reconstructions of the demo's floor images (100
+training images per class) by each checkpoint are scored against the demo's reference (100 validation images per
+class), beside the floor itself (the same real images, unreconstructed). Outputs in local_output/tokenizer_study.
 """
 import json
 import sys
@@ -24,10 +24,13 @@ from utils.fileio import write_json_atomic, write_text_atomic
 from utils.log import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / 'results'
-# (label, train_tokenizer.py flags on top of the demo recipe, epochs)
+# (label, train_tokenizer.py flags on top of the demo recipe, epochs): the demo's tokenizer epoch by epoch, and the
+# same recipe on a 16x16 latent
 CONFIGS = (
-    ('8x8 latent, scales 1-8 (vae-demo-fmnist32)', ('--preset', 'vae-demo-fmnist32'), 3),
-    ('16x16 latent, scales 1-16 (vae-demo-fmnist32-16)', ('--preset', 'vae-demo-fmnist32-16'), 3),
+    ("8x8 latent, scales 1-8 (vae-demo-fmnist32, the demo's tokenizer)", ('--preset', 'vae-demo-fmnist32'),
+     demo.FULL.tokenizer_epochs),
+    ('16x16 latent, scales 1-16 (vae-demo-fmnist32-16)', ('--preset', 'vae-demo-fmnist32-16'),
+     demo.FULL.tokenizer_epochs),
 )
 QUICK_CONFIGS = (('8x8 latent, quick', ('--preset', 'vae-demo-fmnist32'), 2),)
 
@@ -79,8 +82,11 @@ def main(args):
     lines = ['# Tokenizer study: reconstruction quality vs training time (Fashion-MNIST 32x32)', '',
              f"Command: `{meta['command']}` ({meta['total_seconds'] / 60:.0f} min)  ",
              f"Machine: {machine_line(meta['machine'])}", '',
-             f"The demo's recipe (batch {plan.batch_size}, base lr {plan.tokenizer_lr}, {plan.precision} autocast, "
-             f'L2 + L1, cosine schedule over the epochs shown) on {plan.train_per_class} training images per class. '
+             f"The demo's recipe (batch {plan.batch_size}, base lr {plan.tokenizer_lr}, betas "
+             f'{plan.tokenizer_betas[0]}/{plan.tokenizer_betas[1]}, {plan.precision} autocast, L2 + L1, '
+             f'{plan.tokenizer_z_channels} latent channels, cosine schedule over the epochs shown, PatchGAN x '
+             f'{plan.gan_weight} with its discriminator at {plan.disc_lr_mult:g}x the lr from '
+             f'{plan.gan_from:.0%} of the iterations) on {plan.train_per_class} training images per class. '
              'Rows: reconstructions of the floor images by the checkpoint after each epoch, against the '
              f'{plan.val_per_class * 10} validation images (Inception in {plan.inception_precision}); ± is the '
              'bootstrap standard error. Training seconds '

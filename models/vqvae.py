@@ -175,7 +175,8 @@ class VQVAE(nn.Module):
 VQVAE_PRESETS: Dict[str, VQVAEConfig] = {
     # The released tokenizer (vae_ch160v4096z32.pth), 256px images -> 16x16 latents.
     'vae-ch160v4096z32': VQVAEConfig(),
-    # The CPU demo's tokenizer: 32px Fashion-MNIST -> 8x8 latents, 6 scales, 256 codes (about 1M parameters).
+    # The CPU demo's tokenizer: 32px Fashion-MNIST -> 8x8 latents, 6 scales, 256 codes (about 1M parameters; the demo
+    # widens the latent to 32 channels with --z_channels 32).
     'vae-demo-fmnist32': VQVAEConfig(vocab_size=256, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                                      patch_nums=(1, 2, 3, 4, 6, 8)),
     # The same at 16x16 latents: sharper reconstructions for the same iterations (bench/results/tokenizer_study.md),

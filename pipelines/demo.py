@@ -314,7 +314,8 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
              '## Metrics', '',
              f'Every row is scored against the same {n_ref} validation images (ADM protocol, offline Inception '
              f'weights run in {plan.inception_precision}, Fréchet distances through `--fid-method eigh`). The floor '
-             'row scores as many real training images: no model can beat it at this N, since FID carries an estimation bias that shrinks only with N. '
+             'row scores as many real training images: no model can beat it at this N, since FID carries an '
+             'estimation bias that shrinks only with N. '
              'The reconstruction row passes those same training images through the tokenizer, which every sample '
              f'also passes through. ± is the bootstrap standard error over {plan.resamples} resamples of each set '
              '(the counted points for precision and recall); rows whose intervals overlap are not distinguishable at '
