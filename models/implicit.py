@@ -11,18 +11,18 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from .blocks import AdaLNSelfAttn
+from .blocks import AdaLNSelfAttn, mlp_activation
 from .fixed_point import FixedPointIteration, FixedPointMap
 
 
 class FusionMLP(nn.Sequential):
-    """Linear(2C, 2C) - GELU(tanh) - Linear(2C, C) over concat(hidden state z, input injection u).
+    """Linear(2C, 2C) - GELU (tanh by default) - Linear(2C, C) over concat(hidden state z, input injection u).
 
     A Sequential so that the state-dict keys stay the official `implicit_block_projection.{0,2}.*`.
     """
 
-    def __init__(self, embed_dim: int):
-        super().__init__(nn.Linear(2 * embed_dim, 2 * embed_dim), nn.GELU(approximate='tanh'),
+    def __init__(self, embed_dim: int, act: str = 'gelu_tanh'):
+        super().__init__(nn.Linear(2 * embed_dim, 2 * embed_dim), mlp_activation(act),
                          nn.Linear(2 * embed_dim, embed_dim))
 
     def forward(self, z_BLC: torch.Tensor, u_BLC: torch.Tensor) -> torch.Tensor:

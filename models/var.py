@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .blocks import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
+from .blocks import MLP_ACTIVATIONS, AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin
 from .config_base import ConfigBase
 from .implicit import FusionMLP
 from .sampler import autoregressive_infer_cfg
@@ -36,6 +36,7 @@ class VARConfig(ConfigBase):
     vocab_size: int = 4096
     Cvae: int = 32
     mlp_ratio: float = 4.0
+    mlp_act: str = 'gelu_tanh'             # FFN and fusion MLP: the official GELU(tanh), or 'gelu' (exact; faster on CPUs)
     drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     norm_eps: float = 1e-6
@@ -67,6 +68,8 @@ class VARConfig(ConfigBase):
             raise ValueError(f'depth must be >= 1, got {self.depth}')
         if self.embed_dim % self.num_heads:
             raise ValueError(f'embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}')
+        if self.mlp_act not in MLP_ACTIVATIONS:
+            raise ValueError(f'mlp_act must be one of {", ".join(MLP_ACTIVATIONS)}, got {self.mlp_act!r}')
         if len(self.patch_nums) < 2 or list(self.patch_nums) != sorted(self.patch_nums) or self.patch_nums[0] != 1:
             raise ValueError(f'patch_nums must increase from 1 over at least 2 scales, got {self.patch_nums}')
         if self.use_implicit:
@@ -177,14 +180,15 @@ class VAR(nn.Module):
         def make_block(layer_idx: int) -> AdaLNSelfAttn:
             return AdaLNSelfAttn(C, D, config.num_heads, mlp_ratio=config.mlp_ratio, drop=config.drop_rate,
                                  attn_drop=config.attn_drop_rate, drop_path=dpr[layer_idx], norm_eps=config.norm_eps,
-                                 shared_aln=config.shared_aln, attn_l2_norm=config.attn_l2_norm)
+                                 shared_aln=config.shared_aln, attn_l2_norm=config.attn_l2_norm,
+                                 mlp_act=config.mlp_act)
 
         # VAR: self.blocks; VIAR: self.pre_blocks, self.implicit_block_projection (the fusion MLP),
         # self.implicit_block, self.post_blocks; in this order, which is the order of initialisation.
         self.stages = trunk_stages(config)
         for stage in self.stages:
             if isinstance(stage, ImplicitStage):
-                setattr(self, stage.fusion, FusionMLP(C))
+                setattr(self, stage.fusion, FusionMLP(C, config.mlp_act))
                 setattr(self, stage.block, make_block(stage.layer))
             else:
                 setattr(self, stage.name, nn.ModuleList([make_block(stage.first_layer + i)

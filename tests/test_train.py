@@ -130,6 +130,10 @@ def test_explicit_flags_build_the_paper_viar():
                                           '--use_implicit=False'])
     config = train_cli.build_var_config(args, 1000, VQVAEConfig())
     assert (config.embed_dim, config.num_heads, config.use_implicit) == (1280, 20, False)
+    # The activation: the official tanh GELU unless --mlp_act asks for the exact one.
+    assert config.mlp_act == 'gelu_tanh'
+    args = train_cli.get_parser().parse_args(['--data_path', 'x', '--preset', 'viar-demo', '--mlp_act', 'gelu'])
+    assert train_cli.build_var_config(args, 10, VQVAEConfig()).mlp_act == 'gelu'
 
 
 def test_token_cache_export_and_val(data, tmp_path, capsys):

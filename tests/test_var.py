@@ -301,7 +301,28 @@ def test_attention_training_path_matches_explicit_softmax():
     ref = explicit(*ref_leaves)
     ref.square().sum().backward()
     torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale))
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad)
     with torch.no_grad():
         torch.testing.assert_close(attention(q, k, v, mask, 0.0, scale), ref.detach())
+
+
+def test_mlp_act_exact_gelu_is_a_config_choice():
+    """mlp_act='gelu' puts the exact GELU in every FFN and in the fusion MLP: same weights and keys, outputs within the
+    two functions' 5e-4 gap; the default and a released (bare) state dict's config keep the official tanh form."""
+    tanh = make_var(use_implicit=True, pre_depth=1, post_depth=1).eval()
+    exact = build_var(tanh.config.replace(mlp_act='gelu')).eval()
+    exact.load_state_dict(tanh.state_dict(), strict=True)
+
+    def approximations(var):
+        return [m.approximate for m in var.modules() if isinstance(m, torch.nn.GELU)]
+    assert len(approximations(exact)) == 4 and set(approximations(exact)) == {'none'}  # 3 FFNs, the fusion MLP
+    assert set(approximations(tanh)) == {'tanh'}
+    label, x = _inputs(tanh)
+    with torch.no_grad():
+        gap = (tanh(label, x) - exact(label, x)).abs().max().item()
+    assert 0 < gap < 1e-2
+    assert VARConfig.from_state_dict(tanh.state_dict()).mlp_act == 'gelu_tanh'
+    with pytest.raises(ValueError, match='mlp_act must be one of gelu_tanh, gelu'):
+        VARConfig(mlp_act='relu')

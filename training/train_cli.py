@@ -16,6 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from models import VAR_PRESETS, VARConfig, VQVAEConfig, build_var, num_params
+from models.blocks import MLP_ACTIVATIONS
 from training import dist
 from training.amp import AmpOptimizer
 from training.ar_trainer import ARTrainer
@@ -46,12 +47,12 @@ MODEL_FLAGS = {
     'no_grad_iters_range': 'no_grad_iters_range', 'grad_iters_range': 'grad_iters_range', 'eval_iters': 'eval_iters',
     'init_adaln': 'init_adaln', 'init_adaln_gamma': 'init_adaln_gamma', 'init_head': 'init_head',
     'init_std': 'init_std', 'shared_aln': 'shared_aln', 'attn_l2_norm': 'attn_l2_norm',
-    'cond_drop_rate': 'cond_drop_rate',
+    'cond_drop_rate': 'cond_drop_rate', 'mlp_act': 'mlp_act',
 }
 DERIVED_FROM_DEPTH = ('embed_dim', 'num_heads', 'drop_path_rate')
 # Flags that fix the transformer's shapes: --init_from takes them from its checkpoint instead.
 ARCH_FLAGS = ('depth', 'embed_dim', 'num_heads', 'use_implicit', 'pre_depth', 'post_depth', 'p_depth', 'shared_aln',
-              'attn_l2_norm')
+              'attn_l2_norm', 'mlp_act')
 # What the data and the tokenizer fix, and an --init_from checkpoint must agree with.
 DATA_FIELDS = ('num_classes', 'patch_nums', 'vocab_size', 'Cvae')
 
@@ -109,6 +110,9 @@ def get_parser() -> ArgumentParser:
     m.add_argument('--init_std', '--ini', type=finite_float(), help='weight init std (default -1: sqrt(1 / 3C))')
     m.add_argument('--shared_aln', '--saln', action=bool_flag, help='one AdaLN projection shared by all blocks')
     m.add_argument('--attn_l2_norm', '--anorm', action=bool_flag, help='l2-normalised q/k attention (default on)')
+    m.add_argument('--mlp_act', choices=sorted(MLP_ACTIVATIONS),
+                   help='activation of the FFNs and the fusion MLP: the official gelu_tanh (default), or gelu (exact '
+                        'GELU, at most 5e-4 apart; its CPU kernel is 2.5x faster)')
     m.add_argument('--cond_drop_rate', type=PROBABILITY, help='class-label dropout for guidance (default 0.1)')
     m.add_argument('--compile', action=bool_flag, default=False, help='torch.compile every transformer block')
 
