@@ -70,6 +70,8 @@ class DemoPlan:
                                  # 8x8 tokens sharper (PSNR 23.2 vs 22.7 dB) for 6 % more parameters, and the
                                  # transformer's cost does not change
     model_lr: float = 0.02       # base lr per 256 images (train.py --tblr)
+    mlp_act: str = 'gelu'        # train.py --mlp_act: the exact GELU instead of the official tanh form (within 5e-4 of
+                                 # it; its CPU kernel is 2.5x faster, a VIAR step 15 % faster)
     cfg: float = 2.0
     top_k: int = 0
     top_p: float = 0.0
@@ -85,7 +87,7 @@ class DemoPlan:
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=4, model_epochs=4,
+FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=4, model_epochs=5,
                 batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=20)
 QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
                  batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
@@ -173,6 +175,11 @@ def train_model_stage(root: Path, model_dir: Path, vae_ckpt: Path, plan: DemoPla
         '--vae_ckpt', str(vae_ckpt), '--preset', preset, '--ep', str(plan.model_epochs), '--tblr', str(plan.model_lr),
         '--token_cache', str(token_cache), '--out_dir', str(model_dir), *extra_args], f'{preset} training')
     return model_dir / 'ar-ckpt-last.pth'
+
+
+def model_args(plan: DemoPlan) -> List[str]:
+    """train.py flags of the plan's transformer on top of its preset."""
+    return ['--mlp_act', plan.mlp_act, *plan.extra_train_args]
 
 
 def sample_name(schedule: str) -> str:
@@ -336,7 +343,7 @@ def write_report(out: Path, plan: DemoPlan, quick: bool, times: Dict[str, float]
               f'base lr {plan.tokenizer_lr}, betas {plan.tokenizer_betas[0]}/{plan.tokenizer_betas[1]}, '
               f'{plan.precision}, PatchGAN x {plan.gan_weight} from {plan.gan_from:.0%} of the iterations '
               f'(discriminator lr x {plan.disc_lr_mult:g})',
-              f'- VIAR: preset `{plan.model_preset}` {" ".join(plan.extra_train_args)}, '
+              f'- VIAR: preset `{plan.model_preset}` {" ".join(model_args(plan))}, '
               f'{params["model"]:,} parameters, '
               f'{plan.model_epochs} epoch(s), batch {plan.batch_size}, base lr {plan.model_lr}, {plan.precision}',
               f'- sampling: cfg {plan.cfg}, top-k {plan.top_k or "off"}, top-p {plan.top_p or "off"}',
@@ -363,7 +370,7 @@ def main(args):
     tok_dir, model_dir = out / 'tokenizer', out / 'viar'
     vae_ckpt = stages.run('train the tokenizer', train_tokenizer_stage, root, tok_dir, plan, args.seed, args.quick)
     ckpt = stages.run('train VIAR', train_model_stage, root, model_dir, vae_ckpt, plan, args.seed, args.quick,
-                      plan.model_preset, plan.extra_train_args, out / 'token_cache')
+                      plan.model_preset, model_args(plan), out / 'token_cache')
 
     grid_dir = out / 'grid'
     stages.run('sample the grid and trace the implicit layer', call_cli, gen_img_cli, sample_args(

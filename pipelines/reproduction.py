@@ -80,10 +80,12 @@ class ReproPlan:
 
 # The demo's recipe (pipelines/demo.py: unzoomed images, tokenizer betas 0.9/0.99 with a PatchGAN tail, base lr 0.02)
 # on 10,000 training images, with 6 tokenizer epochs and 6 epochs for each transformer; the tokenizer as the demo had it
-# when bench/results/reproduction.md was measured (16 latent channels, discriminator at the tokenizer's lr).
+# when bench/results/reproduction.md was measured (16 latent channels, discriminator at the tokenizer's lr), and the
+# official tanh GELU in both transformers.
 FULL = ReproPlan(
     demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, tokenizer_epochs=6,
-                 model_epochs=6, resamples=20, schedules=('const:5',), tokenizer_z_channels=16, disc_lr_mult=1.0),
+                 model_epochs=6, resamples=20, schedules=('const:5',), tokenizer_z_channels=16, disc_lr_mult=1.0,
+                 mlp_act='gelu_tanh'),
     test_per_class=None, curve_per_class=50, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
     curve_schedules=('const:1', 'const:2', 'const:3', 'const:5', 'const:10', 'linear:5,2', 'adaptive:0.01,10',
                      'budget:18,6'),
@@ -187,7 +189,9 @@ def train_models(root: Path, out: Path, vae_ckpt: Path, plan: ReproPlan, seed: i
     trained = {}
     for model, extra in (('var', plan.var_args), ('viar', plan.viar_train_args()), ('supernet', None)):
         preset = PRESETS.get(model, PRESETS['var'])
-        flags = plan.supernet_train_args(trained['var']['ckpt']) if model == 'supernet' else extra
+        # The supernet's activation comes with the VAR checkpoint it starts from (--init_from).
+        flags = (plan.supernet_train_args(trained['var']['ckpt']) if model == 'supernet'
+                 else ('--mlp_act', plan.demo.mlp_act, *extra))
         ckpt, seconds = stages.run(f'train {TRAINED[model]}', timed_once, out / model / 'wall_time.json',
                                    lambda: demo.train_model_stage(root, out / model, preset=preset, extra_args=flags,
                                                                   **args))
