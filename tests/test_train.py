@@ -1,5 +1,6 @@
 """train.py end to end on tiny configs: 2-rank DDP vs 1 rank, killed-and-resumed runs, constant S-JFB memory, the
 paper's command, token cache, export, and the one-line errors."""
+import logging
 import multiprocessing
 import os
 import shlex
@@ -12,16 +13,17 @@ import pytest
 import torch
 
 from bench.train_memory import fake_batch, saved_bytes
-from models import VQVAEConfig, build_var, num_params
+from models import VARConfig, VQVAEConfig, build_var, num_params
 from tests.tiny import ROOT, make_var
 from tests.train_helpers import (SUBPROCESS_TIMEOUT, data_args, kill_tree, launch, load_weights, make_image_folder,
                                  read_log, run_cli, subprocess_env)
 from training import train_cli
 from training.data import build_datasets, build_transform
 from training.flags import derive_plan
+from utils.checkpoint import save_atomic
 from utils.cli import run
 from utils.export import export
-from utils.model_checkpoints import load_models, load_vae
+from utils.model_checkpoints import KIND_VAR, load_models, load_vae, model_checkpoint
 
 from tests.train_helpers import one_thread  # noqa: F401  (fixture)
 
@@ -163,6 +165,17 @@ def test_token_cache_export_and_val(data, tmp_path, capsys):
     for path in (pth, st):
         _, var3 = load_models(path, vae_path)  # architecture read off the keys, strict load
         assert all(torch.equal(a, b) for a, b in zip(var.state_dict().values(), var3.state_dict().values()))
+
+
+def test_export_warns_of_an_activation_the_bare_weights_cannot_carry(tmp_path, caplog):
+    config = VARConfig(depth=2, embed_dim=32, num_heads=2, num_classes=3, patch_nums=(1, 2), vocab_size=16, Cvae=8)
+    for mlp_act, warned in (('gelu_tanh', False), ('gelu', True)):
+        ckpt = tmp_path / f'{mlp_act}.pth'
+        save_atomic(model_checkpoint(KIND_VAR, build_var(config.replace(mlp_act=mlp_act))), ckpt)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='viar'):
+            export(ckpt, tmp_path / 'export')
+        assert ("mlp_act='gelu', which the bare weights do not record" in caplog.text) == warned, caplog.text
 
 
 def _fails(args, capsys, match):

@@ -5,6 +5,7 @@
     python -m utils.export local_output/vae-ckpt-best.pth --out_dir ckpts      # tokenizers too
 """
 import json
+import logging
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -12,6 +13,9 @@ import torch
 
 from utils.checkpoint import load_file, save_atomic, save_safetensors, strip_wrapper_prefixes
 from utils.cli import ArgumentParser, UserError, main_entry, refuse_overwriting_inputs
+from utils.model_checkpoints import KIND_VAR
+
+log = logging.getLogger('viar')
 
 FORMATS = ('pth', 'safetensors')
 
@@ -37,6 +41,17 @@ def weights_of(obj, path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]
     return {k: v.detach().cpu().contiguous() for k, v in strip_wrapper_prefixes(sd).items()}, meta
 
 
+def bare_weights_caveats(meta: Dict[str, str]) -> List[str]:
+    """What a loader of the bare weights would get wrong about this checkpoint: the weights' shapes give the
+    architecture, but not a non-default activation (VARConfig.mlp_act), which they then read as the official one."""
+    config = json.loads(meta.get('config') or 'null')
+    if meta.get('kind') == KIND_VAR and isinstance(config, dict) and config.get('mlp_act', 'gelu_tanh') != 'gelu_tanh':
+        return [f'the model uses mlp_act={config["mlp_act"]!r}, which the bare weights do not record: loaders of the '
+                f'exported files assume the official gelu_tanh (outputs move by ~1e-3); sample from the checkpoint '
+                f'itself to keep it']
+    return []
+
+
 def export(ckpt: Path, out_dir: Path, name: Optional[str] = None, formats=FORMATS) -> List[Path]:
     """Write `out_dir/<name>.pth` and/or `.safetensors`; returns the files written."""
     ckpt = Path(ckpt)
@@ -44,6 +59,8 @@ def export(ckpt: Path, out_dir: Path, name: Optional[str] = None, formats=FORMAT
     paths = {fmt: Path(out_dir) / f'{name}.{fmt}' for fmt in FORMATS if fmt in formats}
     refuse_overwriting_inputs({'the checkpoint': ckpt}, list(paths.values()), '--out_dir or --name')
     sd, meta = weights_of(load_file(ckpt), ckpt)
+    for caveat in bare_weights_caveats(meta):
+        log.warning(f'{ckpt}: {caveat}')
     if 'pth' in paths:
         save_atomic(sd, paths['pth'])
     if 'safetensors' in paths:
