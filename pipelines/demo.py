@@ -87,7 +87,7 @@ class DemoPlan:
     extra_train_args: Tuple[str, ...] = field(default_factory=tuple)
 
 
-FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=4, model_epochs=5,
+FULL = DemoPlan(train_per_class=600, val_per_class=100, floor_per_class=100, tokenizer_epochs=5, model_epochs=5,
                 batch_size=32, samples_per_class=100, grid_seeds=8, schedules=('const:3',), resamples=20)
 QUICK = DemoPlan(train_per_class=40, val_per_class=4, floor_per_class=4, tokenizer_epochs=1, model_epochs=1,
                  batch_size=16, samples_per_class=4, grid_seeds=2, schedules=('const:2',), resamples=10,
