@@ -1,5 +1,8 @@
-"""Measuring helpers shared by the benchmarks: FLOP counts, KV-cache byte formulas, bytes saved for backward."""
+"""Measuring helpers shared by the benchmarks: FLOP counts, KV-cache byte formulas, bytes saved for backward, and
+the writer of timing results."""
+import json
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -7,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from models.sampler import autoregressive_infer_cfg
 from models.schedules import IterSchedule
+from utils.fileio import write_text_atomic
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -132,3 +136,10 @@ def saved_for_backward_bytes(fn: Callable[[], torch.Tensor]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return total
+
+
+def write_results(out_dir: Path, stem: str, meta: dict, rows: List[dict], markdown: str):
+    """`out_dir/<stem>.json` ({meta, rows}) and `<stem>.md` (`markdown`, also printed)."""
+    write_text_atomic(out_dir / f'{stem}.json', json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
+    write_text_atomic(out_dir / f'{stem}.md', markdown)
+    print(markdown, end='')

@@ -10,7 +10,6 @@ forward and backward, Inception per 299x299 image. Weights are random: speed doe
 under autocast on the device in use; the evaluator itself always runs Inception in float32. Writes
 bench/results/speed_<device>.{md,json} (--quick: speed_<device>_quick.*).
 """
-import json
 import os
 import shlex
 import sys
@@ -25,7 +24,7 @@ import torch
 from bench.efficiency import build_case
 from bench.inception_speed import inception_flops_per_image, load_average, machine_info
 from bench.measure import (PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task,
-                           sampling_flops, time_split)
+                           sampling_flops, time_split, write_results)
 from evaluation.inception_weights import load_offline_inception
 from generation.model_flags import autocast, sampling_mode
 from models.sampler import autoregressive_infer_cfg, image_seed
@@ -34,7 +33,6 @@ from training.amp import AmpOptimizer
 from training.ar_trainer import token_losses
 from training.optim import adamw, param_groups
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.fileio import write_text_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -226,10 +224,7 @@ def main(args):
             'threads': torch.get_num_threads(), 'suite': suite, 'rounds': rounds, 'warmup': args.warmup,
             'load_average_before_after': [load_before, load_average()]}
     stem = f'speed_{device.type}' + ('_quick' if args.quick else '')
-    write_text_atomic(out_dir / f'{stem}.json', json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
-    markdown = to_markdown(rows, meta)
-    write_text_atomic(out_dir / f'{stem}.md', markdown)
-    print(markdown, end='')
+    write_results(out_dir, stem, meta, rows, to_markdown(rows, meta))
     print(f'wrote {out_dir / stem}.md and .json ({os.cpu_count()} CPUs on this machine)')
 
 

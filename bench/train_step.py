@@ -15,7 +15,6 @@ Every variant and a square bf16 matmul (the machine's peak) are timed round robi
 spreads over all of them; the table gives each variant's median step time and its speed-up over the first row.
 Writes bench/results/train_step_cpu.{md,json} (--quick: train_step_cpu_quick.*).
 """
-import json
 import shlex
 import sys
 from contextlib import contextmanager
@@ -31,13 +30,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import models.blocks
 from bench.inception_speed import load_average, machine_info
-from bench.measure import interleaved_timings, matmul_flops, matmul_task
+from bench.measure import interleaved_timings, matmul_flops, matmul_task, write_results
 from models import VAR_PRESETS, build_var
 from training.amp import AmpOptimizer
 from training.ar_trainer import token_losses
 from training.optim import adamw, param_groups
 from utils.cli import ArgumentParser, UserError, main_entry
-from utils.fileio import write_text_atomic
 
 RESULTS_DIR = Path(__file__).resolve().parent / 'results'
 DEMO_SHAPE = dict(vocab_size=256, Cvae=32, num_classes=10)   # the demo tokenizer's vocabulary and latent width
@@ -146,10 +144,7 @@ def main(args):
             'threads': torch.get_num_threads(), 'rounds': rounds, 'warmup': args.warmup,
             'load_average_before_after': [load_before, load_average()]}
     stem = 'train_step_cpu' + ('_quick' if args.quick else '')
-    write_text_atomic(out_dir / f'{stem}.json', json.dumps({'meta': meta, 'rows': rows}, indent=2) + '\n')
-    markdown = to_markdown(rows, meta)
-    write_text_atomic(out_dir / f'{stem}.md', markdown)
-    print(markdown, end='')
+    write_results(out_dir, stem, meta, rows, to_markdown(rows, meta))
     print(f'wrote {out_dir / stem}.md and .json')
 
 
