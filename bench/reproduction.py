@@ -1,11 +1,11 @@
 """Reproduction in miniature (VIAR paper Tables 1-3 and Fig. 3, plus a VARiant supernet) on Fashion-MNIST 32x32.
 
-    python -m bench.reproduction                # estimated 98 min on 2 idle CPU cores (measured: 88) -> bench/results/
+    python -m bench.reproduction                # estimated 92 min on 2 idle CPU cores (measured: 69) -> bench/results/
     python -m bench.reproduction --estimate     # print the plan's estimated wall time by stage, run nothing
     python -m bench.reproduction --quick        # smoke run of every stage (minutes) -> local_output/reproduction-quick
 
 A VAR (var-demo) and a VIAR with 39 % of its parameters (viar-demo, S-JFB over 0-6 detached and 1-4 recorded
-iterations) trained with the same budget on 10,000 training images (6 epochs, batch 32, bf16) from a tokenizer trained
+iterations) trained with the same budget on 10,000 training images (9 epochs, batch 32, bf16) from a tokenizer trained
 for 6 epochs (or --vae_ckpt), with the demo's recipe (pipelines/demo.py); the VAR fine-tuned one epoch into a VARiant
 supernet (a 3-layer subnet after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their
 tokenizer reconstructions; VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full
@@ -15,17 +15,17 @@ the VAR and the VARiant rows on one plot of FID against images/s, each at 500 im
 default plan by stage (`--estimate`):
 
     prepare Fashion-MNIST                0.4 min
-    train the tokenizer                 12.0 min
-    train VAR                           19.6 min
-    train VIAR                          11.4 min
-    train VARiant supernet               1.9 min
+    train the tokenizer                 10.0 min
+    train VAR                           17.6 min
+    train VIAR                          11.5 min
+    train VARiant supernet               1.4 min
     reference activations                6.2 min
-    sample the main rows                 7.6 min
+    sample the main rows                 6.0 min
     score the main rows                 27.9 min
-    sample the curve                     1.2 min
+    sample the curve                     1.0 min
     score the curve                      9.0 min
     speed, FLOPs, convergence trace      1.0 min
-    total                               98.2 min
+    total                               92.0 min
 
 Inception (bf16, ~27 images/s; the rows are comparable with each other, not with fp32 FIDs) takes the largest share:
 10,000 reference images once (cached beside the prepared data, so a rerun skips them) and 7 x 5,000 main-row images.
