@@ -7,7 +7,7 @@ The peak is a square float32 / bfloat16 matmul timed in the same round robin as 
 so load from other processes spreads over all of them). Useful FLOPs are counted with torch.utils.flop_counter
 (a multiply-add counts 2): sampling on meta-device copies (tokenizer decoding included), the training step as its
 forward and backward, Inception per 299x299 image. Weights are random: speed does not depend on them. bf16 runs
-under autocast on the device in use; the evaluator itself always runs Inception in float32. Writes
+under autocast on the device in use (Inception as evaluator.py --inception-precision bf16 runs it). Writes
 bench/results/speed_<device>.{md,json} (--quick: speed_<device>_quick.*).
 """
 import os
@@ -26,7 +26,7 @@ from bench.inception_speed import inception_flops_per_image, load_average, machi
 from bench.measure import (PEAK_MATMUL_SIZE, count_flops, interleaved_timings, matmul_flops, matmul_task,
                            sampling_flops, time_split, write_results)
 from evaluation.inception_weights import load_offline_inception
-from generation.model_flags import autocast, sampling_mode
+from generation.model_flags import sampling_mode
 from models.sampler import autoregressive_infer_cfg, image_seed
 from models.schedules import parse_schedule
 from training.amp import AmpOptimizer
@@ -103,16 +103,16 @@ def training_workload(case: Case, device: torch.device, precision: str) -> Tuple
     return step, count_flops(step)
 
 
-def inception_workload(case: Case, device: torch.device, dtype: torch.dtype,
+def inception_workload(case: Case, device: torch.device, precision: str,
                        image_size: int) -> Tuple[Callable[[], object], int]:
-    """(features of one batch of uint8 images with the fast backend, its FLOPs)."""
-    network = load_offline_inception(device)
-    images = np.random.default_rng(0).integers(0, 256, (case.batch, image_size, image_size, 3), dtype=np.uint8)
+    """(features of one batch of uint8 images with the fast backend at `precision`, its FLOPs).
 
-    def run():
-        with autocast(device, dtype):
-            network.features(images)
-    return run, case.batch * inception_flops_per_image()
+    The network carries its precision (evaluator.py --inception-precision): its own autocast region would switch
+    off any autocast around it, so an outer one would time float32 under a bf16 label.
+    """
+    network = load_offline_inception(device, precision=precision)
+    images = np.random.default_rng(0).integers(0, 256, (case.batch, image_size, image_size, 3), dtype=np.uint8)
+    return lambda: network.features(images), case.batch * inception_flops_per_image()
 
 
 def build_tasks(suite: str, device: torch.device, precisions: List[str]) -> Dict[tuple, Tuple[Callable, int, int]]:
@@ -127,7 +127,7 @@ def build_tasks(suite: str, device: torch.device, precisions: List[str]) -> Dict
         for case in cases['training']:
             tasks[('training step', case.label, precision)] = (*training_workload(case, device, precision), 1)
         for case in cases['inception']:
-            task = inception_workload(case, device, dtype, INCEPTION_IMAGE_SIZE[suite])
+            task = inception_workload(case, device, precision, INCEPTION_IMAGE_SIZE[suite])
             tasks[('inception', case.label, precision)] = (*task, case.batch)
     return tasks
 

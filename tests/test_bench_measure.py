@@ -4,6 +4,7 @@ import torch
 
 from bench import speed
 from bench.measure import count_flops, interleaved_timings, kv_cache_bytes, saved_for_backward_bytes, sampling_flops
+from evaluation.inception_weights import load_offline_inception
 from models import VARConfig, build_var
 from models.sampler import autoregressive_infer_cfg
 from models.schedules import ListSchedule
@@ -97,3 +98,18 @@ def test_speed_training_step_counts_forward_and_backward():
     _, var = speed.build_case(case.label, case.shape, 'meta')
     label, x = torch.zeros(2, dtype=torch.long, device='meta'), torch.zeros(2, var.L - 1, var.Cvae, device='meta')
     assert 2.5 < flops / count_flops(lambda: var(label, x)) < 3.5       # backward ~ twice the forward
+
+
+@pytest.mark.parametrize('precision, dtype', [('fp32', torch.float32), ('bf16', torch.bfloat16)])
+def test_speed_inception_runs_at_its_label(monkeypatch, precision, dtype):
+    # The network's own autocast region switches off an outer one: the bf16 row must build a bf16 network.
+    built = []
+    monkeypatch.setattr(speed, 'load_offline_inception',
+                        lambda *a, **k: built.append(load_offline_inception(*a, **k)) or built[-1])
+    case = speed.SUITES['quick']['inception'][0]
+    run, _ = speed.inception_workload(case, torch.device('cpu'), precision, 64)
+    seen = []
+    conv = next(m for m in built[0].modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    run()
+    assert seen == [dtype]
