@@ -1,15 +1,16 @@
 """Reproduction in miniature (VIAR paper Tables 1-3 and Fig. 3, plus a VARiant supernet) on Fashion-MNIST 32x32.
 
-    python -m bench.reproduction                # estimated 92 min on 2 idle CPU cores (measured: 69) -> bench/results/
+    python -m bench.reproduction                # estimated 97 min on 2 idle CPU cores (measured: 61) -> bench/results/
     python -m bench.reproduction --estimate     # print the plan's estimated wall time by stage, run nothing
     python -m bench.reproduction --quick        # smoke run of every stage (minutes) -> local_output/reproduction-quick
 
 A VAR (var-demo) and a VIAR with 39 % of its parameters (viar-demo, S-JFB over 0-6 detached and 1-4 recorded
-iterations) trained with the same budget on 10,000 training images (9 epochs, batch 32, bf16) from a tokenizer trained
-for 6 epochs (or --vae_ckpt), with the demo's recipe (pipelines/demo.py); the VAR fine-tuned one epoch into a VARiant
-supernet (a 3-layer subnet after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their
-tokenizer reconstructions; VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full
-depth and at the subnet) scores 5,000 images against all 10,000 test images with bootstrap standard errors. The
+iterations) trained on 10,000 training images (batch 32, bf16; the VAR 9 epochs, VIAR 1.44x its steps as in the
+paper's Table 5: 13 epochs, about the time of the VAR's 9) from a tokenizer trained for 6 epochs (or --vae_ckpt),
+with the demo's recipe (pipelines/demo.py); the VAR fine-tuned one epoch into a VARiant supernet (a 3-layer subnet
+after a bridge of 3 scales). Every main row (the floor: 5,000 real training images; their tokenizer reconstructions;
+VAR; VIAR at its 5 iterations per scale; the VAR cut to the subnet; the supernet at full depth and at the subnet)
+scores 5,000 images against all 10,000 test images with bootstrap standard errors. The
 quality-vs-compute curve puts VIAR at const:1 ... const:10, linear, adaptive and budget schedules, the lean KV policy,
 the VAR and the VARiant rows on one plot of FID against images/s, each at 500 images. Estimated wall time of the
 default plan by stage (`--estimate`):
@@ -17,7 +18,7 @@ default plan by stage (`--estimate`):
     prepare Fashion-MNIST                0.4 min
     train the tokenizer                 10.0 min
     train VAR                           17.6 min
-    train VIAR                          11.5 min
+    train VIAR                          16.7 min
     train VARiant supernet               1.4 min
     reference activations                6.2 min
     sample the main rows                 6.0 min
@@ -25,7 +26,7 @@ default plan by stage (`--estimate`):
     sample the curve                     1.0 min
     score the curve                      9.0 min
     speed, FLOPs, convergence trace      1.0 min
-    total                               92.0 min
+    total                               97.1 min
 
 Inception (bf16, ~27 images/s; the rows are comparable with each other, not with fp32 FIDs) takes the largest share:
 10,000 reference images once (cached beside the prepared data, so a rerun skips them) and 7 x 5,000 main-row images.
@@ -70,7 +71,8 @@ def get_parser() -> ArgumentParser:
     p.add_argument('--curve_per_class', type=int_range(1), default=None,
                    help=f'images per class of every curve point (default {reproduction.FULL.curve_per_class})')
     p.add_argument('--epochs', type=int_range(1), default=None,
-                   help=f'training epochs of VAR and VIAR alike (default {reproduction.FULL.demo.model_epochs})')
+                   help=f"the VAR's training epochs (default {reproduction.FULL.demo.model_epochs}); VIAR trains "
+                        f'{reproduction.FULL.viar_step_ratio:g}x as many, rounded')
     p.add_argument('--estimate', action='store_true', help="print the plan's estimated wall time by stage and exit")
     return p
 
@@ -195,8 +197,13 @@ def training_lines(results: dict) -> List[str]:
         lines.append(f"| {reproduction.TRAINED[model]} | `{t['flags']}` | {t['seconds'] / 60:.1f} | {losses} |")
     last = {m: t['val_losses'][-2:] for m, t in results['training'].items() if m != 'supernet'}
     changes = ', '.join(f'{reproduction.TRAINED[m]} {v[1] - v[0]:+.3f}' for m, v in last.items() if len(v) == 2)
-    return lines + ['', f"Both models: {plan['train_per_class'] * 10:,} training images, {plan['model_epochs']} "
-                        f"epochs at batch {plan['batch_size']}, base lr {plan['model_lr']}, {plan['precision']}. "
+    var_epochs = plan['model_epochs']
+    viar_epochs = results['plan'].get('viar_epochs', var_epochs)
+    epochs = (f'{var_epochs} epochs' if viar_epochs == var_epochs else
+              f"{var_epochs} epochs for the VAR and {viar_epochs} for VIAR ({viar_epochs / var_epochs:.2f}x the VAR's "
+              "steps; the paper's Table 5 trains VIAR 1.44x the steps of VAR-d30)")
+    return lines + ['', f"Both models: {plan['train_per_class'] * 10:,} training images, {epochs} "
+                        f"at batch {plan['batch_size']}, base lr {plan['model_lr']}, {plan['precision']}. "
                         f'Change of the validation loss over the last epoch: {changes or "-"} (a flattened curve '
                         f"changes by a few thousandths). The validation split is the first {plan['val_per_class']} "
                         'test images per class, so it lies inside the reference set; it selects nothing (every row '

@@ -59,9 +59,14 @@ class ReproPlan:
     curve_schedules: Tuple[str, ...]  # VIAR schedules of the curve (models/schedules.py syntax)
     subnet: SubnetSpec           # the VARiant subnet: depth d of the VAR's layers after a bridge of N scales
     supernet_epochs: int = 1
+    viar_step_ratio: float = 1.0  # VIAR's training epochs over the VAR's (demo.model_epochs), rounded
     var_args: Tuple[str, ...] = ()    # train.py flags on top of the presets (quick mode: tiny sizes)
     viar_args: Tuple[str, ...] = ()
     speed_batch: int = 50
+
+    @property
+    def viar_epochs(self) -> int:
+        return max(1, round(self.demo.model_epochs * self.viar_step_ratio))
 
     @property
     def main_schedule(self) -> str:
@@ -80,13 +85,14 @@ class ReproPlan:
 
 
 # The demo's recipe (pipelines/demo.py: unzoomed images, tokenizer betas 0.9/0.99 with a PatchGAN tail, 32 latent
-# channels, the exact GELU in both transformers, base lr 0.02) on 10,000 training images, with 6 tokenizer epochs and
-# 9 epochs for each transformer (6 before the faster CPU step: their validation losses were still falling by 0.04-0.05
-# per epoch).
+# channels, the exact GELU in both transformers, base lr 0.02) on 10,000 training images, with 6 tokenizer epochs,
+# 9 epochs for the VAR (its validation loss flat by then) and 1.44x its steps for VIAR (13 epochs), the ratio of the
+# paper's Table 5 (VIAR 874.5 h at 413.85 ms per step, VAR-d30 766.5 h at 524.28 ms). VIAR's cheaper step makes its
+# 13 epochs cost about the VAR's 9 here (15.7 vs 15.1 min in bench/results/reproduction.md).
 FULL = ReproPlan(
     demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, tokenizer_epochs=6,
                  model_epochs=9, resamples=20, schedules=('const:5',)),
-    test_per_class=None, curve_per_class=50, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
+    test_per_class=None, curve_per_class=50, viar_step_ratio=1.44, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
     curve_schedules=('const:1', 'const:2', 'const:3', 'const:5', 'const:10', 'linear:5,2', 'adaptive:0.01,10',
                      'budget:18,6'),
     subnet=SubnetSpec(depth=3, bridge=3))
@@ -152,7 +158,7 @@ def estimate(plan: ReproPlan, train_tokenizer: bool = True, test_images: int = 1
         'prepare Fashion-MNIST': (train + d.val_per_class * NUM_CLASSES + test) / RATES['png'],
         'train the tokenizer': d.tokenizer_epochs * train / RATES['tokenizer'] if train_tokenizer else 0.0,
         'train VAR': d.model_epochs * train / RATES['var'],
-        'train VIAR': d.model_epochs * train / RATES['viar'],
+        'train VIAR': plan.viar_epochs * train / RATES['viar'],
         'train VARiant supernet': plan.supernet_epochs * train / RATES['supernet'],
         'reference activations': test / inception,
         'sample the main rows': main_sets * n / RATES['sampling'],
@@ -184,8 +190,9 @@ def val_losses(log_txt: Path) -> List[float]:
 
 
 def train_models(root: Path, out: Path, vae_ckpt: Path, plan: ReproPlan, seed: int, quick: bool, stages) -> dict:
-    """VAR and VIAR with the same budget, then the supernet from the VAR: {model: {ckpt, seconds, val_losses}}."""
-    args = dict(vae_ckpt=vae_ckpt, plan=plan.demo, seed=seed, quick=quick, token_cache=out / 'token_cache')
+    """VAR and VIAR (plan.viar_epochs), then the supernet from the VAR: {model: {ckpt, seconds, val_losses}}."""
+    args = dict(vae_ckpt=vae_ckpt, seed=seed, quick=quick, token_cache=out / 'token_cache')
+    viar_plan = replace(plan.demo, model_epochs=plan.viar_epochs)
     trained = {}
     for model, extra in (('var', plan.var_args), ('viar', plan.viar_train_args()), ('supernet', None)):
         preset = PRESETS.get(model, PRESETS['var'])
@@ -194,6 +201,7 @@ def train_models(root: Path, out: Path, vae_ckpt: Path, plan: ReproPlan, seed: i
                  else ('--mlp_act', plan.demo.mlp_act, *extra))
         ckpt, seconds = stages.run(f'train {TRAINED[model]}', timed_once, out / model / 'wall_time.json',
                                    lambda: demo.train_model_stage(root, out / model, preset=preset, extra_args=flags,
+                                                                  plan=viar_plan if model == 'viar' else plan.demo,
                                                                   **args))
         trained[model] = {'ckpt': ckpt, 'seconds': seconds, 'val_losses': val_losses(out / model / 'log.txt'),
                           'flags': f'--preset {preset} ' + ' '.join(flags)}
@@ -283,7 +291,7 @@ def run(plan: ReproPlan, out: Path, data: Path, raw_dir: Optional[str], seed: in
         return {r.label: cost(r, ckpts, vae_ckpt, plan, seed) for r in main + curve}
 
     costs = stages.run('speed, FLOPs, convergence trace', speed_and_trace)
-    return {'plan': asdict(plan), 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
+    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
             'rows': [asdict(r) for r in main], 'curve_rows': [asdict(r) for r in curve],
             'training': {m: {k: v for k, v in t.items() if k != 'ckpt'} for m, t in trained.items()},
             'trace': read_json_object(out / 'trace' / 'trace.json'), 'reference_images': demo.npz_length(reference),

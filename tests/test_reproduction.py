@@ -1,7 +1,7 @@
 """bench.reproduction: the report builder on synthetic results (floor row, ± columns, targets, the curve's PNG), the
 plan's checks and estimate, and the pipeline's pieces on tiny models."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 from PIL import Image
@@ -9,6 +9,7 @@ from PIL import Image
 from bench import reproduction as bench_repro
 from models import VAR_PRESETS, build_var, num_params
 from pipelines import reproduction as repro
+from pipelines.demo import Stages
 from pipelines.reproduction import FLOOR, RECONSTRUCTION
 from tests.tiny import save_tiny_checkpoints
 from utils.cli import UserError
@@ -45,7 +46,7 @@ def synthetic_results(viar_fid, se: float = 0.5) -> dict:
                                                                    'torch': '2', 'python': '3', 'platform': 'linux'},
             'stage_seconds': {'train VAR': 700.0}, 'estimate_seconds': repro.estimate(plan), 'total_seconds': 6000.0,
             'quick': False}
-    return {'plan': asdict(plan), 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
+    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
             'rows': [asdict(r) for r in rows], 'curve_rows': [asdict(r) for r in curve], 'training': training,
             'trace': trace, 'reference_images': 10_000, 'tokenizer': 'tok.pth', 'meta': meta,
             'first_run_seconds': {'train VIAR': 900.0}}
@@ -86,6 +87,7 @@ def test_report_has_the_floor_row_errors_targets_and_the_curve(tmp_path):
     assert f']({bench_repro.CURVE_PNG})' in report and f']({bench_repro.TRACE_PNG})' in report
     assert Image.open(tmp_path / bench_repro.CURVE_PNG).size[0] > 0
     assert '4.000 → 3.500 → 3.490' in report and 'VAR -0.010' in report
+    assert "10,000 training images, 9 epochs for the VAR and 13 for VIAR (1.44x the VAR's steps;" in report
     trace = table(report, '| scale |')
     assert trace[1].startswith('| 1x1 | 1.00e+00 | 5.00e-01 | 2.50e-01 | 6.25e-02 |')  # step t = iteration t + 1
     estimate = results['meta']['estimate_seconds']
@@ -113,6 +115,7 @@ def test_plan_flags_and_their_checks():
     plan = bench_repro.plan_from_args(_args('--per_class', '600', '--curve_per_class', '60', '--epochs', '4'))
     assert (plan.demo.samples_per_class, plan.demo.floor_per_class, plan.curve_per_class) == (600, 600, 60)
     assert plan.demo.model_epochs == 4 and plan.demo.tokenizer_epochs == repro.FULL.demo.tokenizer_epochs
+    assert plan.viar_epochs == 6 and repro.FULL.viar_epochs == 13       # 1.44x the VAR's epochs, rounded
     assert bench_repro.plan_from_args(_args()) == repro.FULL
     with pytest.raises(UserError, match='--per_class 2000: .* 1000'):
         bench_repro.plan_from_args(_args('--per_class', '2000'))
@@ -167,3 +170,19 @@ def test_val_losses_and_a_timing_kept_across_reruns(tmp_path):
     assert repro.timed_once(marker, lambda: 'first')[0] == 'first'
     marker.write_text(json.dumps({'seconds': 123.0}))
     assert repro.timed_once(marker, lambda: 'again') == ('again', 123.0)
+
+
+def test_viar_trains_its_own_epochs_and_the_var_its_plans(tmp_path, monkeypatch):
+    epochs = {}
+
+    def fake_stage(root, model_dir, vae_ckpt, plan, seed, quick, preset, extra_args, token_cache):
+        model_dir.mkdir(parents=True)
+        (model_dir / 'log.txt').write_text('{"val/L_mean": 3.0}\n')
+        epochs[model_dir.name] = plan.model_epochs
+        return model_dir / 'ar-ckpt-last.pth'
+
+    monkeypatch.setattr(repro.demo, 'train_model_stage', fake_stage)
+    plan = replace(repro.FULL, viar_step_ratio=1.5)
+    trained = repro.train_models(tmp_path, tmp_path, tmp_path / 'vae.pth', plan, 0, False, Stages(total=3))
+    assert epochs == {'var': 9, 'viar': 14, 'supernet': 9}   # the supernet's own --ep comes with its flags
+    assert trained['viar']['val_losses'] == [3.0]
