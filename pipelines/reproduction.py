@@ -32,7 +32,7 @@ TRAINED = {'var': 'VAR', 'viar': 'VIAR', 'supernet': 'VARiant supernet'}
 # Rates on the 2-core machine behind `estimate` (images per second unless noted): PNG writing, tokenizer training
 # (its PatchGAN tail included), VAR / VIAR (at FULL's S-JFB ranges) / supernet training, sampling with PNG and .npz
 # writing, Inception in fp32 and in bf16. The committed run (bench/results/reproduction.md) measured tokenizer 122,
-# VAR 99, VIAR 151, supernet 139 and sampling 85 on a fast day; the machine's speed drifts by 15-35 %, so the rates
+# VAR 99, VIAR 138, supernet 139 and sampling 85 on a fast day; the machine's speed drifts by 15-35 %, so the rates
 # sit lower.
 RATES = {'png': 800, 'tokenizer': 100, 'var': 85, 'viar': 130, 'supernet': 120, 'sampling': 70, 'inception-fp32': 12,
          'inception-bf16': 27}
@@ -92,7 +92,8 @@ class ReproPlan:
 FULL = ReproPlan(
     demo=replace(demo.FULL, train_per_class=1000, floor_per_class=500, samples_per_class=500, tokenizer_epochs=6,
                  model_epochs=9, resamples=20, schedules=('const:5',)),
-    test_per_class=None, curve_per_class=50, viar_step_ratio=1.44, no_grad_iters=(0, 6), grad_iters=(1, 4), eval_iters=5,
+    test_per_class=None, curve_per_class=50, viar_step_ratio=1.44, no_grad_iters=(0, 6), grad_iters=(1, 4),
+    eval_iters=5,
     curve_schedules=('const:1', 'const:2', 'const:3', 'const:5', 'const:10', 'linear:5,2', 'adaptive:0.01,10',
                      'budget:18,6'),
     subnet=SubnetSpec(depth=3, bridge=3))
@@ -291,7 +292,8 @@ def run(plan: ReproPlan, out: Path, data: Path, raw_dir: Optional[str], seed: in
         return {r.label: cost(r, ckpts, vae_ckpt, plan, seed) for r in main + curve}
 
     costs = stages.run('speed, FLOPs, convergence trace', speed_and_trace)
-    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
+    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics,
+            'curve_metrics': curve_metrics, 'costs': costs,
             'rows': [asdict(r) for r in main], 'curve_rows': [asdict(r) for r in curve],
             'training': {m: {k: v for k, v in t.items() if k != 'ckpt'} for m, t in trained.items()},
             'trace': read_json_object(out / 'trace' / 'trace.json'), 'reference_images': demo.npz_length(reference),

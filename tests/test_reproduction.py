@@ -46,7 +46,8 @@ def synthetic_results(viar_fid, se: float = 0.5) -> dict:
                                                                    'torch': '2', 'python': '3', 'platform': 'linux'},
             'stage_seconds': {'train VAR': 700.0}, 'estimate_seconds': repro.estimate(plan), 'total_seconds': 6000.0,
             'quick': False}
-    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics, 'curve_metrics': curve_metrics, 'costs': costs,
+    return {'plan': {**asdict(plan), 'viar_epochs': plan.viar_epochs}, 'metrics': metrics,
+            'curve_metrics': curve_metrics, 'costs': costs,
             'rows': [asdict(r) for r in rows], 'curve_rows': [asdict(r) for r in curve], 'training': training,
             'trace': trace, 'reference_images': 10_000, 'tokenizer': 'tok.pth', 'meta': meta,
             'first_run_seconds': {'train VIAR': 900.0}}
