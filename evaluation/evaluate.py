@@ -12,7 +12,7 @@ from evaluation.batches import open_batch
 from evaluation.inception import POOL_DIM
 from evaluation.inception_weights import DEFAULT_BACKEND, DEFAULT_PRECISION, InceptionFeatures, load_inception
 from evaluation.metrics import FRECHET_METHODS, class_probabilities, inception_score, precision_recall_hits
-from evaluation.stats import DEFAULT_BATCH_SIZE, BatchStats, batch_stats, save_stats
+from evaluation.stats import BatchStats, batch_stats, save_stats
 from evaluation.uncertainty import standard_errors
 from utils.checkpoint import PathLike
 from utils.cli import UserError, writable_dir
@@ -56,7 +56,7 @@ def sample_inception_score(sample: BatchStats, network: InceptionFeatures,
 
 
 def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch.device] = 'auto',
-             batch_size: int = DEFAULT_BATCH_SIZE, weights: Optional[PathLike] = None, *,
+             batch_size: Optional[int] = None, weights: Optional[PathLike] = None, *,
              network: Optional[InceptionFeatures] = None, cache: bool = True, is_shuffle_seed: Optional[int] = 0,
              progress: bool = True, fid_method: str = 'scipy', resamples: int = 0,
              backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION) -> Dict[str, Any]:
@@ -65,6 +65,7 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     Returns {'inception_score', 'fid', 'sfid', 'precision', 'recall'} as floats; 'inception_score' is None when the
     weights have no logits, with the reason in 'inception_score_unavailable'. `weights` is a pytorch-fid-format
     file (None: the offline TorchScript network); a prebuilt `network` overrides `weights` and `device`.
+    `batch_size` None: 64 images per Inception forward on a GPU, 16 on a CPU (evaluation.stats.default_batch_size).
     `is_shuffle_seed` seeds the shuffle before the IS splits (VIAR's evaluator shuffles unseeded); None: no shuffle.
     `fid_method`: 'scipy' (ADM's sqrtm) or 'eigh' (same value in exact arithmetic, much faster on a CPU).
     `resamples` > 0 adds bootstrap standard errors 'fid_se', 'sfid_se', 'precision_se', 'recall_se'
@@ -76,8 +77,7 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     if fid_method not in FRECHET_METHODS:
         raise UserError(f'unknown Fréchet method {fid_method!r}; choose from {sorted(FRECHET_METHODS)}')
     frechet = FRECHET_METHODS[fid_method]
-    if batch_size < 1:
-        raise UserError(f'--batch-size must be >= 1, got {batch_size}')
+    check_batch_size(batch_size)
     if resamples < 0:
         raise UserError(f'--bootstrap must be >= 0, got {resamples}')
     ref, sample = open_batch(ref_path), open_batch(sample_path)    # validate both before the long part
@@ -125,11 +125,17 @@ def format_results(results: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def write_stats(input_path: PathLike, out_path: PathLike, device='auto', batch_size: int = DEFAULT_BATCH_SIZE,
+def check_batch_size(batch_size: Optional[int]):
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f'--batch-size must be >= 1, got {batch_size}')
+
+
+def write_stats(input_path: PathLike, out_path: PathLike, device='auto', batch_size: Optional[int] = None,
                 weights: Optional[PathLike] = None, progress: bool = True,
                 backend: str = DEFAULT_BACKEND, precision: str = DEFAULT_PRECISION) -> BatchStats:
     """Compute the stats of one batch and write them as a stats .npz usable in place of that batch."""
     out_path = Path(out_path)
+    check_batch_size(batch_size)
     batch = open_batch(input_path)
     if batch.images is None:
         raise UserError(f'{input_path}: is already a stats file')

@@ -23,7 +23,7 @@ import logging
 from evaluation.evaluate import evaluate, format_results, write_stats
 from evaluation.inception_weights import BACKENDS, DEFAULT_BACKEND, DEFAULT_PRECISION, PRECISIONS
 from evaluation.metrics import FRECHET_METHODS
-from evaluation.stats import DEFAULT_BATCH_SIZE
+from evaluation.stats import CPU_BATCH_SIZE, DEFAULT_BATCH_SIZE
 from utils.cli import POSITIVE, SEED, ArgumentParser, UserError, int_range
 from utils.log import setup_logging
 
@@ -41,7 +41,9 @@ def get_parser() -> ArgumentParser:
     parser.add_argument('--save-stats', metavar='OUT.npz',
                         help='write the stats (pool_3 activations, mu, sigma, mu_s, sigma_s) of one batch and exit')
     parser.add_argument('--device', default='auto', help="'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
-    parser.add_argument('--batch-size', type=POSITIVE, default=DEFAULT_BATCH_SIZE, help='images per Inception forward')
+    parser.add_argument('--batch-size', type=POSITIVE, default=None,
+                        help=f'images per Inception forward (default: {DEFAULT_BATCH_SIZE} on a GPU as ADM, '
+                             f'{CPU_BATCH_SIZE} on a CPU, where it is faster; the features do not change)')
     parser.add_argument('--inception', metavar='PATH',
                         help='pytorch-fid / torch-fidelity weights (pt_inception-2015-12-05-6726825d.pth), which '
                              'include the logits for IS; default: the offline TorchScript weights of '

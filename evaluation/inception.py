@@ -84,7 +84,9 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_ch, eps=BN_EPS)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        # In place: nothing else reads the batch norm's output, and it saves a pass over the activations (ReLU was a
+        # sixth of the CPU time).
+        return F.relu(self.bn(self.conv(x)), inplace=True)
 
     def fold_batch_norm_(self):
         """Fold the (eval-mode) batch norm into the convolution, which gains a bias; same function, one op fewer."""
@@ -105,7 +107,7 @@ class MergedHeads(nn.Module):
         self.splits = [c.out_channels for c in folded]
 
     def forward(self, x) -> Tuple[torch.Tensor, ...]:
-        return F.relu(self.conv(x)).split(self.splits, 1)
+        return F.relu(self.conv(x), inplace=True).split(self.splits, 1)
 
 
 class InceptionBlock(nn.Module):

@@ -23,8 +23,8 @@ from evaluation.inception_weights import (TORCHSCRIPT_LAYERS, NO_LOGITS_REASON, 
 from evaluation.metrics import (FRECHET_METHODS, GaussianStats, class_probabilities, frechet_distance,
                                 frechet_distance_eigh, gaussian_stats, inception_score, manifold_radii,
                                 precision_recall)
-from evaluation.stats import (BatchStats, batch_stats, cache_path, load_stats, prepared_batches, save_stats,
-                              subset_batch)
+from evaluation.stats import (BatchStats, batch_stats, cache_path, default_batch_size, load_stats, prepared_batches,
+                              save_stats, subset_batch)
 from utils.checkpoint import CheckpointError
 from utils.cli import UserError, run
 
@@ -401,6 +401,34 @@ def test_batches_are_prepared_ahead_in_order_and_errors_surface():
     assert next(failing)[0] == 3
     with pytest.raises(UserError, match='truncated'):
         next(failing)
+
+
+class SizeRecordingNetwork:
+    """Stand-in that records the size of every batch it runs and returns features that depend on each image only."""
+    features_id = weights_id = 'torchscript-' + '0' * 64
+
+    def __init__(self, device: str):
+        self.device, self.sizes = torch.device(device), []
+
+    def prepare(self, images):
+        return torch.as_tensor(images).float()
+
+    def run(self, x_NHWC):
+        self.sizes.append(len(x_NHWC))
+        mean_N1 = x_NHWC.flatten(1).mean(1, keepdim=True)
+        return mean_N1.expand(-1, POOL_DIM), mean_N1.expand(-1, SPATIAL_DIM)
+
+
+def test_default_batch_size_is_16_on_a_cpu_and_adms_64_on_a_gpu(tmp_path):
+    assert default_batch_size(torch.device('cpu')) == 16 and default_batch_size(torch.device('cuda:0')) == 64
+    np.savez(tmp_path / 'b.npz', arr_0=make_images(18, seed=0, noise=0.5))
+    network = SizeRecordingNetwork('cpu')
+    default = batch_stats(open_batch(tmp_path / 'b.npz'), network, cache=False, progress=False)
+    assert network.sizes == [16, 2]
+    network.sizes = []
+    chosen = batch_stats(open_batch(tmp_path / 'b.npz'), network, batch_size=5, cache=False, progress=False)
+    assert network.sizes == [5, 5, 5, 3] and np.array_equal(chosen.pool_ND, default.pool_ND)
+    assert get_parser().parse_args(['ref.npz', 'sample.npz']).batch_size is None   # resolved on the device
 
 
 @pytest.fixture(scope='module')
