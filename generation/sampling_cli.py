@@ -163,10 +163,30 @@ def main(args):
         log.info(f'rank {info.rank}: {done} images in {elapsed:.1f}s ({done / elapsed:.2f} images/s)')
     dist.barrier()
     if info.is_main and not args.no_npz:
-        pack_npz(out_dir, npz_path, total, var.vae.config.image_size)
-        write_json_atomic(meta_path, {'knobs': knobs, 'npz': str(npz_path), 'num_images': total})
-        log.info(f'wrote {npz_path} ({total} images) and {meta_path}')
+        if packed_npz_is_current(out_dir, npz_path, meta_path, total):
+            log.info(f'{npz_path} is newer than every image: kept as it is (its activation caches stay valid)')
+        else:
+            pack_npz(out_dir, npz_path, total, var.vae.config.image_size)
+            write_json_atomic(meta_path, {'knobs': knobs, 'npz': str(npz_path), 'num_images': total})
+            log.info(f'wrote {npz_path} ({total} images) and {meta_path}')
     dist.destroy()
+
+
+def packed_npz_is_current(out_dir: Path, npz_path: Path, meta_path: Path, total: int) -> bool:
+    """True when a finished earlier run packed these `total` images and none has changed since.
+
+    The .json records the image count once the .npz is complete (claim_run_dir has checked its knobs), and the .npz
+    must be newer than every PNG: an image written or replaced after the packing makes it stale. Rewriting an
+    unchanged .npz would make it newer than the evaluator's activation cache beside it, which then recomputes.
+    """
+    if not npz_path.is_file() or read_json_object(meta_path).get('num_images') != total:
+        return False
+    packed = npz_path.stat().st_mtime_ns
+    for i in range(total):
+        png = out_dir / f'{i:06d}.png'
+        if not png.is_file() or png.stat().st_mtime_ns > packed:
+            return False
+    return True
 
 
 def pack_npz(out_dir: Path, npz_path: Path, total: int, image_size: int):

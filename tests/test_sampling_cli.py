@@ -53,6 +53,18 @@ def test_two_processes_match_one(ckpts, reference, tmp_path):
     assert np.array_equal(_npz(tmp_path), reference)
 
 
+def test_a_finished_run_keeps_its_npz_until_an_image_changes(ckpts, reference, tmp_path):
+    _sample(_args(ckpts, tmp_path))
+    npz = tmp_path / 'run.npz'
+    packed = npz.stat().st_mtime_ns
+    rerun = _sample(_args(ckpts, tmp_path))
+    assert npz.stat().st_mtime_ns == packed and 'kept as it is' in rerun.stdout   # its activation caches stay valid
+    png = tmp_path / 'run' / '000004.png'
+    os.utime(png, ns=(packed + 10**9, packed + 10**9))     # an image replaced after the packing
+    _sample(_args(ckpts, tmp_path))
+    assert npz.stat().st_mtime_ns > packed and np.array_equal(_npz(tmp_path), reference)
+
+
 def test_resume_after_kill(ckpts, reference, tmp_path):
     # Slow it down (1 image per batch, 8 iterations) so the kill lands mid-run, then resume.
     args = _args(ckpts, tmp_path, '--batch_size', '1', '--schedule', 'const:8')
