@@ -6,8 +6,9 @@
 Times `InceptionFeatures.features` on uint8 images (ADM's 256px by default), the path every evaluation runs, for
 the offline weights run by each backend: the TorchScript module itself (the evaluator's default until the fast
 backend), the same weights in the PyTorch architecture ('eager') and its fused channels-last form ('fast', the
-default now), in each precision asked for (fp32: ADM's arithmetic; bf16: the autocast the demo uses). A float32 matmul is timed in the same round robin, so every row also reads as a fraction of the
-machine's measured peak. Writes bench/results/inception_speed.{md,json}.
+default now), in each precision asked for (fp32: ADM's arithmetic; bf16: the autocast the demo uses). A float32
+matmul is timed in the same round robin, so every row also reads as a fraction of the machine's measured fp32 peak.
+Writes bench/results/<--name>.{md,json} (default inception_speed).
 """
 import argparse
 import json
@@ -168,7 +169,8 @@ def main(args):
     meta = {'command': ' '.join(['python -m bench.inception_speed'] + [shlex.quote(a) for a in sys.argv[1:]]),
             'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M'), 'machine': machine,
             'load_average_before_after': [load_before, load_average()],
-            'precisions': args.precisions, 'image_size': args.image_size, 'batches': args.batches, 'warmup': args.warmup,
+            'precisions': args.precisions, 'image_size': args.image_size, 'batches': args.batches,
+            'warmup': args.warmup,
             'peak_matmul': f'float32 {PEAK_MATMUL_SIZE}^3 matmul', 'gflop_per_image': inception_flops_per_image() / 1e9}
     write_results(rows, meta, args.name)
     print(f'wrote {RESULTS_DIR / (args.name + ".md")} and .json')

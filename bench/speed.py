@@ -175,7 +175,8 @@ def to_markdown(rows: List[dict], meta: dict) -> str:
              '| workload | case | precision | batch | throughput (best) | GFLOP per call | GFLOP/s | peak GFLOP/s | '
              'fraction of peak |', '|---|---|---|---:|---:|---:|---:|---:|---:|']
     lines += [f'| {r["workload"]} | {r["case"]} | {r["precision"]} | {r["items_per_call"]} | '
-              f'{r["items_per_s_best"]:.3g} {UNITS[r["workload"]]} | {r["gflop_per_call"]:.3g} | {r["gflops_best"]:.1f} | '
+              f'{r["items_per_s_best"]:.3g} {UNITS[r["workload"]]} | {r["gflop_per_call"]:.3g} | '
+              f'{r["gflops_best"]:.1f} | '
               f'{r["peak_gflops"]:.1f} | {r["fraction_of_peak"]:.0%} |' for r in rows]
     profiled = [r for r in rows if 'flop_op_time_share' in r]
     if profiled:

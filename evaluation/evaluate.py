@@ -65,7 +65,8 @@ def evaluate(ref_path: PathLike, sample_path: PathLike, device: Union[str, torch
     Returns {'inception_score', 'fid', 'sfid', 'precision', 'recall'} as floats; 'inception_score' is None when the
     weights have no logits, with the reason in 'inception_score_unavailable'. `weights` is a pytorch-fid-format
     file (None: the offline TorchScript network); a prebuilt `network` overrides `weights` and `device`.
-    `batch_size` None: 64 images per Inception forward on a GPU, 16 on a CPU (evaluation.stats.default_batch_size).
+    `batch_size` None: evaluation.stats.default_batch_size of the network's device (ADM's 64 on a GPU, fewer on a
+    CPU, where they run faster).
     `is_shuffle_seed` seeds the shuffle before the IS splits (VIAR's evaluator shuffles unseeded); None: no shuffle.
     `fid_method`: 'scipy' (ADM's sqrtm) or 'eigh' (same value in exact arithmetic, much faster on a CPU).
     `resamples` > 0 adds bootstrap standard errors 'fid_se', 'sfid_se', 'precision_se', 'recall_se'
